@@ -1,0 +1,320 @@
+"""Array-API plumbing shared by every solver.
+
+Everything that is not in the Python array API standard lives here and nowhere else: namespace
+and device resolution of the public entry points, the dtype policy, input validation, and the
+few operations the standard lacks (random normals from a seed, k-th largest selection, exact
+top-k masks, triangular solves, inverses of symmetric positive definite matrices). Each has a
+native fast path for NumPy, PyTorch and CuPy and a generic fallback written against the
+standard, which is what ``array_api_strict`` exercises in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import array_api_compat
+import numpy as np
+from array_api_compat import (
+    is_cupy_namespace,
+    is_numpy_namespace,
+    is_torch_namespace,
+)
+
+__all__ = [
+    "resolve_namespace",
+    "compute_dtype",
+    "common_compute_dtype",
+    "as_compute_matrix",
+    "check_finite",
+    "check_gram",
+    "random_normal",
+    "kth_largest",
+    "top_k_mask",
+    "solve_triangular",
+    "spd_inverse",
+    "add_to_diagonal",
+    "synchronize",
+]
+
+
+def _type_name(x: Any) -> str:
+    return f"{type(x).__module__}.{type(x).__qualname__}"
+
+
+def resolve_namespace(**arrays: Any) -> tuple[Any, Any]:
+    """Return the common ``(namespace, device)`` of the named arrays.
+
+    ``None`` values are skipped, so optional inputs (``H=None``) can be passed as they are.
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array, or two arguments come from different array libraries.
+    ValueError
+        If two arguments live on different devices.
+    """
+    first_name, first_xp, first_device = None, None, None
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        try:
+            xp = array_api_compat.array_namespace(x)
+        except TypeError as exc:
+            raise TypeError(f"{name} must be an array (NumPy, CuPy, PyTorch or another array-API "
+                            f"library), got {_type_name(x)}") from exc
+        device = array_api_compat.device(x)
+        if first_xp is None:
+            first_name, first_xp, first_device = name, xp, device
+            continue
+        if xp is not first_xp:
+            raise TypeError(f"{first_name} and {name} come from different array libraries "
+                            f"({first_xp.__name__} and {xp.__name__}); pass both from one library")
+        if device != first_device:
+            raise ValueError(f"{first_name} is on device {first_device} but {name} is on device "
+                             f"{device}; move both to one device")
+    if first_xp is None:
+        raise TypeError("no array was given")
+    return first_xp, first_device
+
+
+def compute_dtype(xp: Any, x: Any, name: str) -> Any:
+    """The dtype a solver computes in for input ``x``.
+
+    float16 and bfloat16 are computed in float32 (their range and precision are too small for
+    Gram matrices and factorizations); float32 and float64 are kept.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not a real floating-point array.
+    """
+    dtype = x.dtype
+    if dtype == xp.float64:
+        return xp.float64
+    if dtype == xp.float32:
+        return xp.float32
+    if dtype == getattr(xp, "float16", None) or dtype == getattr(xp, "bfloat16", None):
+        return xp.float32
+    raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 array, got dtype {dtype}")
+
+
+def common_compute_dtype(xp: Any, **arrays: Any) -> Any:
+    """The widest compute dtype among the named arrays (``None`` values skipped)."""
+    dtypes = [compute_dtype(xp, x, name) for name, x in arrays.items() if x is not None]
+    return xp.float64 if any(d == xp.float64 for d in dtypes) else xp.float32
+
+
+def as_compute_matrix(xp: Any, x: Any, name: str, dtype: Any) -> Any:
+    """Check that ``x`` is a finite 2-D floating array and return it in ``dtype``."""
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    compute_dtype(xp, x, name)
+    x = xp.astype(x, dtype, copy=False) if x.dtype != dtype else x
+    check_finite(xp, x, name)
+    return x
+
+
+def check_finite(xp: Any, x: Any, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or Inf.
+
+    One reduction and one host read per call: done at entry points, never inside loops.
+    """
+    if not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_gram(xp: Any, H: Any, d_in: int, name: str = "H") -> None:
+    """Validate a Gram matrix ``H = XᵀX`` of shape ``(d_in, d_in)``.
+
+    Checks shape, symmetry (to a tolerance relative to the largest entry and the dtype) and a
+    non-negative diagonal. A singular ``H`` (dead inputs, fewer samples than inputs) is valid.
+    """
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"{name} must be a square (d_in, d_in) matrix, got shape {tuple(H.shape)}")
+    if H.shape[0] != d_in:
+        raise ValueError(f"{name} has shape {tuple(H.shape)} but W has d_in = {d_in} rows; "
+                         f"H must be ({d_in}, {d_in})")
+    scale = float(xp.max(xp.abs(H)))
+    asymmetry = float(xp.max(xp.abs(H - H.T)))
+    eps = float(xp.finfo(H.dtype).eps)
+    if asymmetry > 100 * eps * max(scale, 1e-300) * math.sqrt(H.shape[0]):
+        raise ValueError(f"{name} must be symmetric (a Gram matrix XᵀX); max |H - Hᵀ| = "
+                         f"{asymmetry:.3g} against max |H| = {scale:.3g}")
+    if float(xp.min(xp.linalg.diagonal(H))) < 0:
+        raise ValueError(f"{name} must be positive semi-definite (a Gram matrix XᵀX), but its "
+                         f"diagonal has negative entries")
+
+
+def _numpy_generator(rng: Any) -> np.random.Generator:
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(rng)
+    raise TypeError(f"rng must be None, an int seed or a numpy.random.Generator, got {_type_name(rng)}")
+
+
+def random_normal(xp: Any, shape: tuple[int, ...], *, dtype: Any, device: Any, rng: Any) -> Any:
+    """Standard normal samples of ``shape`` drawn directly on ``device``.
+
+    Parameters
+    ----------
+    rng
+        ``None``, an int seed, or the backend's own generator (``numpy.random.Generator``,
+        ``torch.Generator`` on the target device, ``cupy.random.Generator``). The same seed gives
+        the same samples on the same backend and device; different backends draw different
+        streams.
+    """
+    if is_torch_namespace(xp):
+        import torch
+
+        if isinstance(rng, torch.Generator):
+            generator = rng
+        else:
+            generator = torch.Generator(device=device)
+            if rng is None:
+                generator.seed()
+            elif isinstance(rng, (int, np.integer)):
+                generator.manual_seed(int(rng))
+            else:
+                raise TypeError(f"rng must be None, an int seed or a torch.Generator, got {_type_name(rng)}")
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    if is_cupy_namespace(xp):
+        import cupy
+
+        if isinstance(rng, cupy.random.Generator):
+            generator = rng
+        elif rng is None or isinstance(rng, (int, np.integer)):
+            generator = cupy.random.default_rng(rng)
+        else:
+            raise TypeError("rng must be None, an int seed or a cupy.random.Generator, "
+                            f"got {_type_name(rng)}")
+        with cupy.cuda.Device(device):
+            return generator.standard_normal(shape, dtype=dtype)
+    samples = _numpy_generator(rng).standard_normal(shape)
+    if is_numpy_namespace(xp):
+        return samples.astype(dtype, copy=False)
+    # Generic fallback (array_api_strict and other host libraries): draw on the host.
+    return xp.asarray(samples, dtype=dtype, device=device)
+
+
+def kth_largest(xp: Any, x: Any, k: int, axis: int | None = None) -> Any:
+    """The k-th largest value of ``x`` (``k`` counted from 1), flattened or along ``axis``.
+
+    Partial selection (O(n)) on NumPy, CuPy and PyTorch; a full sort in the generic fallback.
+    With ``axis`` given the result keeps that axis with length 1, so it broadcasts against ``x``.
+    """
+    if axis is None:
+        x = xp.reshape(x, (-1,))
+        size = x.shape[0]
+    else:
+        size = x.shape[axis]
+    if not 1 <= k <= size:
+        raise ValueError(f"k must be in [1, {size}], got {k}")
+    position = size - k  # index of the k-th largest in ascending order
+    if is_numpy_namespace(xp) or is_cupy_namespace(xp):
+        module = np if is_numpy_namespace(xp) else __import__("cupy")
+        values = module.take(module.partition(x, position, axis=0 if axis is None else axis),
+                             [position], axis=0 if axis is None else axis)
+    elif is_torch_namespace(xp):
+        values = x.kthvalue(position + 1, dim=0 if axis is None else axis, keepdim=True).values
+    else:
+        values = xp.take(xp.sort(x, axis=0 if axis is None else axis),
+                         xp.asarray([position], device=array_api_compat.device(x)),
+                         axis=0 if axis is None else axis)
+    return xp.reshape(values, ()) if axis is None else values
+
+
+def top_k_mask(xp: Any, scores: Any, k: int, axis: int | None = None) -> Any:
+    """Boolean mask selecting exactly the ``k`` largest ``scores`` (per slice along ``axis``).
+
+    Ties at the threshold are broken by position (the first ones in C order along the selected
+    axis are kept), so the count is exact whatever the ties and the result is deterministic on
+    every backend. ``k = 0`` gives an all-false mask, ``k = size`` an all-true mask.
+    """
+    size = math.prod(scores.shape) if axis is None else scores.shape[axis]
+    if not 0 <= k <= size:
+        raise ValueError(f"k must be in [0, {size}], got {k}")
+    if k == 0:
+        return xp.zeros(scores.shape, dtype=xp.bool, device=array_api_compat.device(scores))
+    if k == size:
+        return xp.ones(scores.shape, dtype=xp.bool, device=array_api_compat.device(scores))
+    threshold = kth_largest(xp, scores, k, axis)
+    above = scores > threshold
+    at = scores == threshold
+    if axis is None:
+        missing = k - xp.sum(xp.astype(above, xp.int64))
+        flat_at = xp.reshape(at, (-1,))
+        rank_at = xp.reshape(xp.cumulative_sum(xp.astype(flat_at, xp.int64)), scores.shape)
+    else:
+        missing = k - xp.sum(xp.astype(above, xp.int64), axis=axis, keepdims=True)
+        rank_at = xp.cumulative_sum(xp.astype(at, xp.int64), axis=axis)
+    return above | (at & (rank_at <= missing))
+
+
+def solve_triangular(xp: Any, A: Any, B: Any, *, lower: bool) -> Any:
+    """Solve ``A X = B`` for triangular ``A`` (no explicit inverse)."""
+    if is_numpy_namespace(xp):
+        import scipy.linalg
+
+        return scipy.linalg.solve_triangular(A, B, lower=lower, check_finite=False)
+    if is_torch_namespace(xp):
+        import torch
+
+        return torch.linalg.solve_triangular(A, B, upper=not lower)
+    if is_cupy_namespace(xp):
+        import cupyx.scipy.linalg
+
+        return cupyx.scipy.linalg.solve_triangular(A, B, lower=lower)
+    return xp.linalg.solve(A, B)
+
+
+def spd_inverse(xp: Any, A: Any) -> Any:
+    """Inverse of a symmetric positive definite matrix through its Cholesky factor.
+
+    Used where one inverse is applied many times (ADMM iterations): afterwards each application
+    is a single GEMM, cheaper on every backend than two triangular solves.
+
+    Raises
+    ------
+    numpy.linalg.LinAlgError or the backend's equivalent
+        If ``A`` is not positive definite.
+    """
+    if is_numpy_namespace(xp):
+        import scipy.linalg
+
+        factor = scipy.linalg.cho_factor(A, lower=True, check_finite=False)
+        return scipy.linalg.cho_solve(factor, np.eye(A.shape[0], dtype=A.dtype), check_finite=False)
+    if is_torch_namespace(xp):
+        import torch
+
+        return torch.cholesky_inverse(torch.linalg.cholesky(A))
+    L = xp.linalg.cholesky(A)
+    identity = xp.eye(A.shape[0], dtype=A.dtype, device=array_api_compat.device(A))
+    L_inv = solve_triangular(xp, L, identity, lower=True)
+    return L_inv.T @ L_inv
+
+
+def add_to_diagonal(xp: Any, A: Any, values: Any) -> Any:
+    """``A + diag(values)`` for a square ``A``; ``values`` a scalar or a vector (new array)."""
+    n = A.shape[0]
+    identity = xp.eye(n, dtype=A.dtype, device=array_api_compat.device(A))
+    if isinstance(values, (int, float)):
+        return A + values * identity
+    return A + identity * values[None, :]
+
+
+def synchronize(xp: Any, device: Any) -> None:
+    """Wait for the device to finish queued work (before reading a clock)."""
+    if is_torch_namespace(xp):
+        import torch
+
+        if getattr(device, "type", "cpu") == "cuda":
+            torch.cuda.synchronize(device)
+    elif is_cupy_namespace(xp):
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+

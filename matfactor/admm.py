@@ -1,0 +1,354 @@
+"""ADMM for L0-constrained least squares: pruning with weight update (Boža, 2024).
+
+The layer-wise pruning problem (DSF paper, section 3.1) is
+
+    minimise  tr((Ŵ − W)ᵀ H (Ŵ − W))   subject to  Ŵ in the sparsity pattern,
+
+with ``H = XᵀX``. For a fixed mask it is convex (one least-squares regression per output on its
+own set of inputs) and ADMM solves it with the iterations of eq. (1)::
+
+    Ŵ ← (H + ρI)⁻¹ (H W + ρ (Z − U))
+    Z ← M ⊙ (Ŵ + U)
+    U ← U + Ŵ − Z
+
+where ``U`` is the scaled dual variable and ``Z`` the feasible (exactly sparse) iterate.
+Following the paper:
+
+- the problem is preconditioned so that ``diag(H) = 1`` (input ``i`` scaled by ``√H_ii``, the
+  weight row multiplied by it), which makes one ``ρ = 1`` fit every layer;
+- ``(H + ρI)`` is factored once (Cholesky, then an explicit inverse): every iteration is then a
+  single GEMM, and the loop never synchronises with the host;
+- :func:`admm_prune` selects the mask during the first ``gradual_iters`` iterations by gradual
+  pruning with the cubic schedule, removing the smallest ``|Ŵ + U|``, then keeps it fixed;
+  the schedule applies to every pattern (for n:m the ``n`` best of each group are always kept
+  and the removal happens among the rest, so the final mask is exactly n:m);
+- :func:`admm_solve` runs the same iteration on a given mask until its residuals converge,
+  giving the least-squares solution on that support.
+
+Damping ``λ`` is added in the preconditioned coordinates, i.e. the objective becomes
+``tr(Dᵀ (H + λ·Diag(H)) D)``: relative to each input's own scale, hence independent of the
+scale of ``H``. Dead inputs (``H_ii = 0``) have no effect on the layer's output: their weights
+are set to zero and take no share of the budget.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ._array import add_to_diagonal, resolve_namespace, spd_inverse
+from .exceptions import ConvergenceWarning
+from .pruning import PruningProblem, prepare_pruning_problem
+from .sparsity import cubic_schedule, gradual_mask
+
+__all__ = ["AdmmState", "admm_prune", "admm_solve"]
+
+
+@dataclass(frozen=True)
+class AdmmState:
+    """The ADMM iterate, for inspection and warm starts.
+
+    Attributes
+    ----------
+    Z
+        The sparse solution, ``(d_in, d_out)``, exactly zero off ``mask``.
+    U
+        The scaled dual variable, in the same coordinates as ``Z`` (user coordinates).
+    mask
+        Boolean support of ``Z``.
+    iterations
+        Number of ``Ŵ`` updates (GEMMs) performed.
+    converged
+        For :func:`admm_solve`: whether the residuals met ``tol``. ``None`` for
+        :func:`admm_prune`, which runs a fixed number of iterations.
+    """
+
+    Z: Any
+    U: Any
+    mask: Any
+    iterations: int
+    converged: bool | None = None
+
+
+@dataclass(frozen=True)
+class _Preconditioned:
+    """The problem in coordinates where ``diag(H) = 1`` (dead inputs: 0)."""
+
+    H: Any          # damped, preconditioned Gram matrix H_n + λI
+    W: Any          # preconditioned weight, dead rows zero
+    scale: Any      # √H_ii per input (1 for dead inputs)
+    dead: Any       # boolean, per input
+
+
+def _precondition(xp: Any, W: Any, H: Any, damping: float) -> _Preconditioned:
+    diagonal = xp.linalg.diagonal(H)
+    dead = diagonal <= 0
+    if bool(xp.all(dead)):
+        raise ValueError("H has an all-zero diagonal: every input is dead, there is nothing to "
+                         "reconstruct")
+    scale = xp.where(dead, xp.ones_like(diagonal), xp.sqrt(xp.where(dead, xp.ones_like(diagonal),
+                                                                        diagonal)))
+    H_n = H / scale[:, None] / scale[None, :]
+    W_n = xp.where(dead[:, None], xp.zeros_like(W), W * scale[:, None])
+    return _Preconditioned(add_to_diagonal(xp, H_n, damping), W_n, scale, dead)
+
+
+def _to_user(xp: Any, pre: _Preconditioned, A: Any) -> Any:
+    return xp.where(pre.dead[:, None], xp.zeros_like(A), A / pre.scale[:, None])
+
+
+def _from_user(xp: Any, pre: _Preconditioned, A: Any) -> Any:
+    return xp.where(pre.dead[:, None], xp.zeros_like(A), A * pre.scale[:, None])
+
+
+def _check_parameter(name: str, value: Any, *, minimum: float, strict: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        relation = ">" if strict else ">="
+        raise ValueError(f"{name} must be {relation} {minimum}, got {value!r}")
+    return float(value)
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_warm_start(xp: Any, warm_start: AdmmState | None, shape: tuple[int, ...]) -> None:
+    if warm_start is None:
+        return
+    if not isinstance(warm_start, AdmmState):
+        raise TypeError(f"warm_start must be an AdmmState, got {type(warm_start).__name__}")
+    for name in ("Z", "U"):
+        value = getattr(warm_start, name)
+        if tuple(value.shape) != shape:
+            raise ValueError(f"warm_start.{name} has shape {tuple(value.shape)}, expected {shape}")
+
+
+def _warm_iterate(xp: Any, pre: _Preconditioned, warm_start: AdmmState, dtype: Any,
+                  ) -> tuple[Any, Any]:
+    """The previous ``(Z, U)`` of a warm start, in preconditioned coordinates."""
+    return (_from_user(xp, pre, xp.astype(warm_start.Z, dtype)),
+            _from_user(xp, pre, xp.astype(warm_start.U, dtype)))
+
+
+def _admm_iterations(xp: Any, H_rho_inv: Any, target: Any, rho: float, W_hat: Any, U: Any,
+                     mask: Any, iters: int, mask_at: Callable[[int, Any], Any] | None,
+                     ) -> tuple[Any, Any, Any, Any]:
+    """Run eq. (1): ``iters`` Ŵ-updates, each preceded by the Z- and U-updates.
+
+    ``mask_at(t, Ŵ + U)`` returns the mask for step ``t`` (or ``None`` to keep the current one).
+    Returns the last ``(Ŵ, Z, U, mask)``; ``Z`` is computed from the last ``Ŵ``.
+    """
+    zeros = xp.zeros_like(W_hat)
+    for t in range(iters + 1):
+        V = W_hat + U
+        if mask_at is not None:
+            new_mask = mask_at(t, V)
+            mask = mask if new_mask is None else new_mask
+        Z = xp.where(mask, V, zeros)
+        U = V - Z
+        if t == iters:
+            return W_hat, Z, U, mask
+        W_hat = H_rho_inv @ (target + rho * (Z - U))
+    raise AssertionError("unreachable")
+
+
+def admm_prune(W: Any, H: Any, *, density: float | None = None, pattern: str = "unstructured",
+               iters: int = 20, gradual_iters: int = 15, damping: float = 0.1, rho: float = 1.0,
+               warm_start: AdmmState | None = None, return_state: bool = False) -> Any:
+    """Prune ``W`` with ADMM and gradual mask selection (Boža 2024; DSF paper, section 3.1).
+
+    Minimises ``tr((Ŵ − W)ᵀ (H + λ·Diag(H)) (Ŵ − W))`` over ``Ŵ`` in ``pattern`` heuristically:
+    during the first ``gradual_iters`` iterations the mask goes from dense to the target along
+    the cubic schedule, choosing what to remove by ``|Ŵ + U|``; the remaining iterations are
+    eq. (1) on the fixed mask.
+
+    Parameters
+    ----------
+    W
+        ``(d_in, d_out)`` weight.
+    H
+        ``(d_in, d_in)`` Gram matrix ``XᵀX``; any positive multiple gives the same result, and a
+        singular ``H`` (dead inputs, few samples) is valid.
+    density, pattern
+        Kept fraction and sparsity pattern (:mod:`matfactor.sparsity`).
+    iters
+        Number of ADMM iterations (one GEMM each). The paper uses 20.
+    gradual_iters
+        Iterations over which the mask is selected (the paper: 15 of 20). ``0`` fixes the mask
+        at the start, by ``|W|`` in preconditioned coordinates (the Wanda score).
+    damping
+        Relative damping ``λ`` (the paper's 0.1).
+    rho
+        ADMM penalty in preconditioned coordinates (the paper's 1).
+    warm_start
+        A previous :class:`AdmmState` on the same ``W`` and ``H`` to continue from.
+    return_state
+        Return the :class:`AdmmState` instead of the pruned weight.
+
+    Returns
+    -------
+    W_sparse or AdmmState
+        The pruned weight in the compute dtype, meeting ``pattern`` and its budget exactly.
+    """
+    problem = prepare_pruning_problem(W, H, density, pattern, needs_H=True)
+    iters = _check_count("iters", iters, 1)
+    gradual_iters = _check_count("gradual_iters", gradual_iters, 0)
+    if gradual_iters > iters:
+        raise ValueError(f"gradual_iters ({gradual_iters}) must not exceed iters ({iters})")
+    damping = _check_parameter("damping", damping, minimum=0.0, strict=False)
+    rho = _check_parameter("rho", rho, minimum=0.0, strict=True)
+    xp = problem.xp
+    _check_warm_start(xp, warm_start, tuple(problem.W.shape))
+
+    pre = _precondition(xp, problem.W, problem.H, damping)
+    H_rho_inv = spd_inverse(xp, add_to_diagonal(xp, pre.H, rho))
+    target = pre.H @ pre.W
+    if warm_start is None:
+        # Cold start: Ŵ = W, U = 0 (the Ŵ-update from Z = W, U = 0 would return W itself).
+        W_hat, U, remaining = pre.W, xp.zeros_like(pre.W), iters
+    else:
+        # Warm start: resume with the Ŵ-update from the previous (Z, U), the first of `iters`.
+        Z, U = _warm_iterate(xp, pre, warm_start, problem.W.dtype)
+        W_hat, remaining = H_rho_inv @ (target + rho * (Z - U)), iters - 1
+
+    def mask_at(t: int, V: Any) -> Any:
+        if t < gradual_iters:
+            return _dead_last_mask(xp, pre, V, problem, cubic_schedule(t + 1, gradual_iters))
+        if t == 0:  # no gradual phase: keep a warm start's mask, or select one at once
+            if warm_start is not None:
+                return warm_start.mask
+            return _dead_last_mask(xp, pre, V, problem, 1.0)
+        return None
+
+    _, Z, U, mask = _admm_iterations(xp, H_rho_inv, target, rho, W_hat, U, None, remaining,
+                                     mask_at)
+    Z_user = _to_user(xp, pre, Z)
+    if not return_state:
+        return Z_user
+    return AdmmState(Z_user, _to_user(xp, pre, U), mask, iters)
+
+
+def _dead_last_mask(xp: Any, pre: _Preconditioned, V: Any, problem: PruningProblem,
+                    fraction: float) -> Any:
+    """Gradual mask on ``|V|`` in which dead inputs are the first to go."""
+    scores = xp.where(pre.dead[:, None], xp.full_like(V, -1.0), xp.abs(V))
+    return gradual_mask(xp, scores, problem.density, problem.pattern, fraction)
+
+
+def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 1.0,
+               tol: float | None = None, max_iters: int = 2000, check_every: int = 10,
+               adaptive_rho: bool = True, warm_start: AdmmState | None = None,
+               return_state: bool = False) -> Any:
+    """Least squares on a given support by ADMM: polish the weights of a fixed mask.
+
+    Solves the convex problem ``min tr((Ŵ − W)ᵀ (H + λ·Diag(H)) (Ŵ − W))`` subject to
+    ``Ŵ = 0`` off ``mask`` with eq. (1) of the DSF paper, section 3.1, until the primal residual
+    ``‖Ŵ − Z‖`` and the dual residual ``ρ‖Z − Z_prev‖`` (Boyd et al., 2011, section 3.3) are
+    below ``tol`` relative to the size of the iterates. Its optimality conditions, which the
+    result meets to ``tol``: the gradient ``(H + λ·Diag(H))(Z − W)`` vanishes on the support,
+    and ``Z`` is exactly zero off it.
+
+    Parameters
+    ----------
+    W, H
+        Weight ``(d_in, d_out)`` and Gram matrix ``(d_in, d_in)``.
+    mask
+        Boolean ``(d_in, d_out)`` support (from any pruner, or a pattern of the user's own).
+    damping
+        Relative damping ``λ``; 0 (the default) solves the undamped problem exactly. If ``H``
+        restricted to the live inputs is singular (fewer calibration samples than inputs), the
+        minimiser is not unique and ADMM converges to one of them only sublinearly: a small
+        ``damping`` (e.g. 0.01) restores fast linear convergence. Dead inputs need no damping.
+    rho
+        Initial ADMM penalty in preconditioned coordinates (``diag(H) = 1``).
+    tol
+        Relative residual tolerance; default ``1e-10`` in float64, ``1e-5`` in float32.
+    max_iters
+        Upper bound on the iterations (one GEMM each).
+    check_every
+        Residuals are read on the host only every ``check_every`` iterations, keeping the loop
+        on the device in between.
+    adaptive_rho
+        Rebalance ``ρ`` at each check when one residual is ten times the other (Boyd et al.,
+        2011, section 3.4.1): makes the iteration count insensitive to the initial ``rho``.
+    warm_start
+        A previous :class:`AdmmState` (e.g. from :func:`admm_prune`) to continue from.
+    return_state
+        Return the :class:`AdmmState` (with ``converged`` and ``iterations``).
+
+    Returns
+    -------
+    W_solved or AdmmState
+        Weights on ``mask``, exactly zero elsewhere, in the compute dtype.
+
+    Warns
+    -----
+    ConvergenceWarning
+        If ``max_iters`` is reached before ``tol``; the last iterate is returned.
+    """
+    problem = prepare_pruning_problem(W, H, 1.0, "unstructured", needs_H=True)
+    xp, device = resolve_namespace(W=W, mask=mask)
+    if mask.dtype != xp.bool:
+        raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
+    if tuple(mask.shape) != tuple(problem.W.shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but W has shape "
+                         f"{tuple(problem.W.shape)}")
+    damping = _check_parameter("damping", damping, minimum=0.0, strict=False)
+    rho = _check_parameter("rho", rho, minimum=0.0, strict=True)
+    max_iters = _check_count("max_iters", max_iters, 1)
+    check_every = _check_count("check_every", check_every, 1)
+    if tol is None:
+        tol = 1e-10 if problem.W.dtype == xp.float64 else 1e-5
+    tol = _check_parameter("tol", tol, minimum=0.0, strict=True)
+    _check_warm_start(xp, warm_start, tuple(problem.W.shape))
+
+    pre = _precondition(xp, problem.W, problem.H, damping)
+    H_rho_inv = spd_inverse(xp, add_to_diagonal(xp, pre.H, rho))
+    target = pre.H @ pre.W
+    zeros = xp.zeros_like(pre.W)
+    if warm_start is None:
+        Z, U = xp.where(mask, pre.W, zeros), zeros
+    else:
+        Z, U = _warm_iterate(xp, pre, warm_start, problem.W.dtype)
+        Z = xp.where(mask, Z, zeros)
+
+    converged = False
+    iterations = 0
+    while iterations < max_iters:
+        steps = min(check_every, max_iters - iterations)
+        for _ in range(steps):
+            Z_previous = Z
+            W_hat = H_rho_inv @ (target + rho * (Z - U))
+            V = W_hat + U
+            Z = xp.where(mask, V, zeros)
+            U = V - Z
+        iterations += steps
+        scale = max(float(xp.linalg.vector_norm(W_hat)), float(xp.linalg.vector_norm(Z)),
+                    float(xp.linalg.vector_norm(rho * U)), 1e-300)
+        primal = float(xp.linalg.vector_norm(W_hat - Z))
+        dual = rho * float(xp.linalg.vector_norm(Z - Z_previous))
+        if primal <= tol * scale and dual <= tol * scale:
+            converged = True
+            break
+        # Residual balancing (Boyd et al., 2011, section 3.4.1): keep both residuals of the
+        # same size. A new ρ costs one refactorization, paid at most once per check.
+        if adaptive_rho and (primal > 10 * dual or dual > 10 * primal):
+            factor = 2.0 if primal > dual else 0.5
+            rho *= factor
+            U = U / factor
+            H_rho_inv = spd_inverse(xp, add_to_diagonal(xp, pre.H, rho))
+    if not converged:
+        warnings.warn(f"admm_solve stopped at max_iters={max_iters} before reaching tol={tol:g} "
+                      f"(primal residual {primal / scale:.2e}, dual {dual / scale:.2e}, relative); "
+                      "a rank-deficient H with damping=0 converges slowly: set damping > 0 or "
+                      "raise max_iters", ConvergenceWarning, stacklevel=2)
+    Z_user = _to_user(xp, pre, Z)
+    if not return_state:
+        return Z_user
+    return AdmmState(Z_user, _to_user(xp, pre, U), mask, iterations, converged)

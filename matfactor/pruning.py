@@ -1,0 +1,222 @@
+"""Layer-wise pruners: magnitude, Wanda and SparseGPT.
+
+Every pruner has one signature, the :class:`Pruner` protocol::
+
+    prune(W, H, *, density=None, pattern="unstructured") -> W_sparse
+
+with ``W`` the ``(d_in, d_out)`` weight of ``Y = X @ W`` and ``H = XᵀX`` the calibration Gram
+matrix (unused by magnitude pruning). The result is in the compute dtype (float32, or float64
+for float64 input), on the inputs' device, and its support meets ``pattern`` and the exact
+budget of :func:`matfactor.sparsity.nnz_budget`. The ADMM pruner in :mod:`matfactor.admm` has
+the same signature, so all four plug into the sparse-plus-low-rank alternation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ._array import (
+    add_to_diagonal,
+    as_compute_matrix,
+    check_gram,
+    common_compute_dtype,
+    resolve_namespace,
+    spd_inverse,
+    top_k_mask,
+)
+from .sparsity import (
+    SparsityPattern,
+    _mask,
+    check_density,
+    keep_count,
+    nnz_budget,
+    parse_pattern,
+)
+
+__all__ = ["Pruner", "magnitude_prune", "wanda_prune", "sparsegpt_prune"]
+
+
+class Pruner(Protocol):
+    """The signature shared by all pruners."""
+
+    def __call__(self, W: Any, H: Any | None, *, density: float | None = None,
+                 pattern: str = "unstructured") -> Any: ...
+
+
+@dataclass(frozen=True)
+class PruningProblem:
+    """Validated inputs of a pruner, converted to the compute dtype."""
+
+    xp: Any
+    device: Any
+    W: Any
+    H: Any | None
+    density: float
+    pattern: SparsityPattern
+
+
+def prepare_pruning_problem(W: Any, H: Any | None, density: float | None,
+                            pattern: str | SparsityPattern, *, needs_H: bool) -> PruningProblem:
+    """Validate the shared pruner arguments (shapes, dtypes, finiteness, pattern, budget)."""
+    xp, device = resolve_namespace(W=W, H=H)
+    dtype = common_compute_dtype(xp, W=W, H=H)
+    W = as_compute_matrix(xp, W, "W", dtype)
+    if H is None:
+        if needs_H:
+            raise ValueError("H (the calibration Gram matrix XᵀX) is required by this pruner")
+    else:
+        H = as_compute_matrix(xp, H, "H", dtype)
+        check_gram(xp, H, W.shape[0])
+    pattern = parse_pattern(pattern)
+    density = check_density(density, pattern)
+    if nnz_budget(tuple(W.shape), density, pattern) == 0:
+        raise ValueError(f"density={density} keeps no entry of a {tuple(W.shape)} weight under "
+                         f"pattern '{pattern}'; increase density")
+    return PruningProblem(xp, device, W, H, density, pattern)
+
+
+def magnitude_prune(W: Any, H: Any | None = None, *, density: float | None = None,
+                    pattern: str = "unstructured") -> Any:
+    """Keep the largest ``|W|`` under ``pattern``: the Frobenius projection onto the pattern.
+
+    ``H`` is accepted for the shared signature and validated, but not used.
+    """
+    problem = prepare_pruning_problem(W, H, density, pattern, needs_H=False)
+    xp, W = problem.xp, problem.W
+    return xp.where(_mask(xp, xp.abs(W), problem.density, problem.pattern), W, xp.zeros_like(W))
+
+
+def wanda_prune(W: Any, H: Any, *, density: float | None = None,
+                pattern: str = "unstructured") -> Any:
+    """Wanda (Sun et al., 2023): keep the largest ``|W_ij| · ||X_i||`` under ``pattern``.
+
+    ``||X_i||² = H_ii`` is the squared norm of input ``i`` over the calibration set. No weight
+    is updated. Wanda's own setting is ``pattern="per_output"``; every pattern is accepted.
+    """
+    problem = prepare_pruning_problem(W, H, density, pattern, needs_H=True)
+    xp, W, H = problem.xp, problem.W, problem.H
+    input_norms = xp.sqrt(xp.clip(xp.linalg.diagonal(H), 0, None))
+    scores = xp.abs(W) * input_norms[:, None]
+    return xp.where(_mask(xp, scores, problem.density, problem.pattern), W, xp.zeros_like(W))
+
+
+def damped_hessian(xp: Any, H: Any, damping: float) -> tuple[Any, Any]:
+    """``H`` made positive definite: dead inputs filled, then relative damping added.
+
+    A dead input (``H_ii = 0``: never active on the calibration set) has an all-zero row and
+    column in ``H``. Its diagonal entry is set to the mean live diagonal so the matrix can be
+    factored; its weights can take any value without changing the layer's output, so the
+    callers set them to zero. Then ``damping · mean(diag(H))`` is added to the diagonal, which
+    makes the result independent of the scale of ``H``.
+
+    Returns
+    -------
+    H_damped, dead
+        The damped matrix and the boolean vector of dead inputs.
+    """
+    diagonal = xp.linalg.diagonal(H)
+    dead = diagonal <= 0
+    n_live = int(xp.sum(xp.astype(~dead, xp.int64)))
+    if n_live == 0:
+        raise ValueError("H is zero: every input is dead, there is nothing to reconstruct")
+    live_mean = xp.sum(xp.where(dead, xp.zeros_like(diagonal), diagonal)) / n_live
+    fill = xp.where(dead, live_mean, xp.zeros_like(diagonal))
+    return add_to_diagonal(xp, H, fill + damping * live_mean), dead
+
+
+def sparsegpt_prune(W: Any, H: Any, *, density: float | None = None,
+                    pattern: str = "unstructured", damping: float = 0.01,
+                    block_size: int = 128) -> Any:
+    """SparseGPT (Frantar & Alistarh, 2023): optimal-brain-surgeon pruning with lazy updates.
+
+    Inputs are processed in order, in blocks of ``block_size``. Within a block each input's
+    weights are pruned against the mask, and the error is compensated on the block's later
+    inputs through the upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``U[i, i:]`` is the
+    optimal-brain-surgeon update row); the block's accumulated error then updates all later
+    inputs with one GEMM. The mask is chosen adaptively with the score ``w² / U_ii²``:
+
+    - unstructured: per block, over all outputs; block budgets are split in proportion to the
+      block size so that the whole matrix keeps exactly ``nnz_budget`` entries;
+    - per_output: per block and output column, likewise summing to the column budget;
+    - n:m: for each group of ``m`` inputs, from the weights already updated by earlier groups.
+
+    Parameters
+    ----------
+    W
+        ``(d_in, d_out)`` weight.
+    H
+        ``(d_in, d_in)`` Gram matrix ``XᵀX``; singular ``H`` (dead inputs) is valid.
+    density, pattern
+        Kept fraction and sparsity pattern (see :mod:`matfactor.sparsity`).
+    damping
+        ``λ = damping · mean(diag(H))`` is added to the diagonal (SparseGPT's 1%).
+    block_size
+        Inputs per lazy-update block (rounded down to a multiple of ``m`` for n:m, at least m).
+
+    Returns
+    -------
+    W_sparse
+        The pruned and updated weight; weights of dead inputs are zero.
+    """
+    problem = prepare_pruning_problem(W, H, density, pattern, needs_H=True)
+    xp, pattern, density = problem.xp, problem.pattern, problem.density
+    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
+        raise ValueError(f"damping must be a positive number, got {damping!r}")
+    if not (isinstance(block_size, int) and block_size >= 1):
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    d_in, d_out = problem.W.shape
+    if pattern.kind == "n:m":
+        block_size = max(pattern.m, block_size - block_size % pattern.m)
+
+    H_damped, dead = damped_hessian(xp, problem.H, damping)
+    W = xp.where(dead[:, None], xp.zeros_like(problem.W), problem.W)
+    # Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): row i of U, scaled by 1/U_ii, is the OBS
+    # compensation of removing input i given that inputs < i are already fixed.
+    U = xp.linalg.cholesky(spd_inverse(xp, H_damped)).T
+
+    total_budget = nnz_budget((d_in, d_out), density, pattern)
+    column_budget = keep_count(density, d_in) if pattern.kind == "per_output" else 0
+    pruned_rows = []
+    for start in range(0, d_in, block_size):
+        stop = min(start + block_size, d_in)
+        block = W[start:stop, :]
+        U_block = U[start:stop, start:stop]
+        pivots = xp.linalg.diagonal(U_block)
+        if pattern.kind == "unstructured":
+            count = (total_budget * stop) // d_in - (total_budget * start) // d_in
+            mask = top_k_mask(xp, (block / pivots[:, None]) ** 2, count)
+        elif pattern.kind == "per_output":
+            count = (column_budget * stop) // d_in - (column_budget * start) // d_in
+            mask = top_k_mask(xp, (block / pivots[:, None]) ** 2, count, axis=0)
+        pruned, errors = _sparsegpt_block(xp, block, U_block, pivots, pattern,
+                                          mask if pattern.kind != "n:m" else None)
+        pruned_rows.append(pruned)
+        if stop < d_in:
+            W[stop:, :] = W[stop:, :] - U[start:stop, stop:].T @ errors
+    return xp.concat(pruned_rows, axis=0)
+
+
+def _sparsegpt_block(xp: Any, block: Any, U_block: Any, pivots: Any, pattern: SparsityPattern,
+                     mask: Any | None) -> tuple[Any, Any]:
+    """Prune one block input by input; return the pruned rows and the scaled errors."""
+    block = xp.asarray(block, copy=True)
+    size = block.shape[0]
+    pruned = xp.zeros_like(block)
+    errors = xp.zeros_like(block)
+    group_mask = None
+    for i in range(size):
+        if mask is None and i % pattern.m == 0:
+            group = block[i:i + pattern.m, :]
+            group_mask = top_k_mask(xp, (group / pivots[i:i + pattern.m, None]) ** 2,
+                                    pattern.n, axis=0)
+        keep = mask[i, :] if mask is not None else group_mask[i % pattern.m, :]
+        row = block[i, :]
+        kept = xp.where(keep, row, xp.zeros_like(row))
+        error = (row - kept) / pivots[i]
+        pruned[i, :] = kept
+        errors[i, :] = error
+        if i + 1 < size:
+            block[i + 1:, :] = block[i + 1:, :] - U_block[i, i + 1:][:, None] * error[None, :]
+    return pruned, errors

@@ -1,0 +1,257 @@
+"""Sparsity patterns, budgets and masks.
+
+A weight is a ``(d_in, d_out)`` matrix (``Y = X @ W``). Three patterns are supported:
+
+``"unstructured"``
+    One budget over the whole matrix: ``floor(density * d_in * d_out)`` kept entries.
+``"per_output"``
+    The same count, ``floor(density * d_in)``, kept in every output column.
+``"n:m"`` (e.g. ``"2:4"``)
+    In every group of ``m`` consecutive inputs of every output column, exactly ``n`` entries are
+    kept (``n`` counts what is kept, as in "2:4" hardware sparsity). ``m`` must divide ``d_in``;
+    the density is ``n / m``.
+
+Masks are exact: they meet their pattern and budget exactly, ties included (ties are broken by
+position, so every backend returns the same mask for the same scores).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ._array import (
+    as_compute_matrix,
+    compute_dtype,
+    resolve_namespace,
+    top_k_mask,
+)
+
+__all__ = [
+    "SparsityPattern",
+    "parse_pattern",
+    "check_density",
+    "keep_count",
+    "nnz_budget",
+    "mask_from_scores",
+    "gradual_mask",
+    "cubic_schedule",
+    "magnitude_scores",
+    "wanda_scores",
+    "mask_satisfies",
+]
+
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class SparsityPattern:
+    """A parsed sparsity pattern.
+
+    Attributes
+    ----------
+    kind
+        ``"unstructured"``, ``"per_output"`` or ``"n:m"``.
+    n, m
+        For ``"n:m"``: ``n`` entries kept in every ``m`` consecutive inputs; ``None`` otherwise.
+    """
+
+    kind: Literal["unstructured", "per_output", "n:m"]
+    n: int | None = None
+    m: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "n:m" else self.kind
+
+
+def parse_pattern(pattern: str | SparsityPattern) -> SparsityPattern:
+    """Parse ``"unstructured"``, ``"per_output"`` or ``"n:m"`` (``1 <= n <= m``).
+
+    Raises
+    ------
+    ValueError
+        If ``pattern`` is none of these forms.
+    """
+    if isinstance(pattern, SparsityPattern):
+        return pattern
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a string such as 'unstructured', 'per_output' or '2:4', "
+                        f"got {type(pattern).__name__}")
+    if pattern in ("unstructured", "per_output"):
+        return SparsityPattern(pattern)
+    match = _NM_RE.match(pattern)
+    if match is None:
+        raise ValueError(f"pattern must be 'unstructured', 'per_output' or 'n:m' such as '2:4', "
+                         f"got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n <= m:
+        raise ValueError(f"pattern {pattern!r}: an n:m pattern keeps n of every m inputs and needs "
+                         f"1 <= n <= m")
+    return SparsityPattern("n:m", n, m)
+
+
+def check_density(density: Any, pattern: SparsityPattern) -> float:
+    """Validate ``density`` against ``pattern`` and return it as a float.
+
+    For ``"n:m"`` the density is implied: ``None`` or ``n/m`` are accepted, anything else is an
+    error. For the other patterns it must be a number in (0, 1].
+    """
+    if pattern.kind == "n:m":
+        implied = pattern.n / pattern.m
+        if density is None:
+            return implied
+        if isinstance(density, numbers.Real) and not isinstance(density, bool) \
+                and math.isclose(float(density), implied, rel_tol=1e-9):
+            return implied
+        raise ValueError(f"density={density!r} contradicts pattern '{pattern}', which keeps "
+                         f"{pattern.n}/{pattern.m} = {implied:g}; leave density as None")
+    if density is None:
+        raise ValueError(f"density is required for pattern '{pattern}'")
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise TypeError(f"density must be a real number in (0, 1], got {type(density).__name__}")
+    density = float(density)
+    if not 0.0 < density <= 1.0:  # also rejects NaN
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return density
+
+
+def keep_count(density: float, size: int) -> int:
+    """``floor(density * size)``, robust to the rounding of ``density`` (0.29 * 100 keeps 29)."""
+    return min(size, math.floor(density * size + 1e-9))
+
+
+def nnz_budget(shape: tuple[int, int], density: float | None, pattern: str | SparsityPattern) -> int:
+    """The exact number of entries a mask of ``pattern`` keeps in a ``(d_in, d_out)`` matrix."""
+    pattern = parse_pattern(pattern)
+    density = check_density(density, pattern)
+    d_in, d_out = shape
+    _check_shape_fits(pattern, d_in)
+    if pattern.kind == "unstructured":
+        return keep_count(density, d_in * d_out)
+    if pattern.kind == "per_output":
+        return keep_count(density, d_in) * d_out
+    return pattern.n * (d_in // pattern.m) * d_out
+
+
+def _check_shape_fits(pattern: SparsityPattern, d_in: int) -> None:
+    if pattern.kind == "n:m" and d_in % pattern.m != 0:
+        raise ValueError(f"pattern '{pattern}' needs d_in divisible by m = {pattern.m}, "
+                         f"got d_in = {d_in}")
+
+
+def _check_keeps_something(count: int, density: float, pattern: SparsityPattern, what: str) -> None:
+    if count == 0:
+        raise ValueError(f"density={density} keeps no entry of {what} under pattern '{pattern}'; "
+                         f"increase density")
+
+
+def cubic_schedule(step: int, steps: int) -> float:
+    """Fraction of the final pruning reached at ``step`` (1-based) of ``steps``.
+
+    The cubic schedule of Zhu & Gupta (2018): ``1 - (1 - step/steps)**3``, reaching 1 at
+    ``step = steps`` (DSF paper, section 3.1).
+    """
+    return 1.0 - (1.0 - min(step, steps) / steps) ** 3
+
+
+def mask_from_scores(scores: Any, density: float | None = None,
+                     pattern: str | SparsityPattern = "unstructured") -> Any:
+    """Keep the highest ``scores`` under ``pattern``: a boolean mask of the scores' shape.
+
+    Parameters
+    ----------
+    scores
+        ``(d_in, d_out)`` non-negative importance of each weight (e.g. ``magnitude_scores``).
+    density
+        Kept fraction in (0, 1]; ``None`` for ``"n:m"`` (implied ``n/m``).
+    pattern
+        ``"unstructured"``, ``"per_output"`` or ``"n:m"``.
+
+    Returns
+    -------
+    mask
+        Boolean array, same namespace and device as ``scores``, meeting the pattern and
+        ``nnz_budget`` exactly.
+    """
+    xp, _ = resolve_namespace(scores=scores)
+    pattern = parse_pattern(pattern)
+    density = check_density(density, pattern)
+    scores = as_compute_matrix(xp, scores, "scores", compute_dtype(xp, scores, "scores"))
+    return _mask(xp, scores, density, pattern)
+
+
+def _mask(xp: Any, scores: Any, density: float, pattern: SparsityPattern) -> Any:
+    d_in, d_out = scores.shape
+    _check_shape_fits(pattern, d_in)
+    if pattern.kind == "unstructured":
+        count = keep_count(density, d_in * d_out)
+        _check_keeps_something(count, density, pattern, "the matrix")
+        return top_k_mask(xp, scores, count)
+    if pattern.kind == "per_output":
+        count = keep_count(density, d_in)
+        _check_keeps_something(count, density, pattern, "an output column")
+        return top_k_mask(xp, scores, count, axis=0)
+    groups = xp.reshape(scores, (d_in // pattern.m, pattern.m, d_out))
+    return xp.reshape(top_k_mask(xp, groups, pattern.n, axis=1), (d_in, d_out))
+
+
+def gradual_mask(xp: Any, scores: Any, density: float, pattern: SparsityPattern,
+                 fraction: float) -> Any:
+    """Mask that has done ``fraction`` of the pruning from dense to ``pattern``.
+
+    Used by gradual pruning (ADMM's cubic schedule): with ``P`` the number of entries the final
+    mask removes, this mask removes ``floor(fraction * P)`` of them, the lowest-scoring ones,
+    subject to the pattern's shape:
+
+    - unstructured: over the whole matrix;
+    - per_output: the same count in every output column;
+    - n:m: the ``n`` best of every group are always kept; the removal happens among the others,
+      over the whole matrix, so that at ``fraction = 1`` exactly the ``n:m`` mask remains.
+    """
+    d_in, d_out = scores.shape
+    if fraction >= 1.0:
+        return _mask(xp, scores, density, pattern)
+    if pattern.kind == "per_output":
+        removed = math.floor(fraction * (d_in - keep_count(density, d_in)))
+        return top_k_mask(xp, scores, d_in - removed, axis=0)
+    size = d_in * d_out
+    final_keep = nnz_budget((d_in, d_out), density, pattern)
+    removed = math.floor(fraction * (size - final_keep))
+    if pattern.kind == "unstructured":
+        return top_k_mask(xp, scores, size - removed)
+    always_kept = _mask(xp, scores, density, pattern)
+    return top_k_mask(xp, xp.where(always_kept, xp.inf, scores), size - removed)
+
+
+def magnitude_scores(W: Any) -> Any:
+    """``|W|``: the score of magnitude pruning (the Frobenius projection onto the pattern)."""
+    xp, _ = resolve_namespace(W=W)
+    return xp.abs(W)
+
+
+def wanda_scores(W: Any, H: Any) -> Any:
+    """Wanda's score ``|W_ij| * ||X_i||`` with ``||X_i||² = H_ii`` (Sun et al., 2023)."""
+    xp, _ = resolve_namespace(W=W, H=H)
+    input_norms = xp.sqrt(xp.clip(xp.linalg.diagonal(H), 0, None))
+    return xp.abs(W) * input_norms[:, None]
+
+
+def mask_satisfies(mask: Any, density: float | None, pattern: str | SparsityPattern) -> bool:
+    """True when ``mask`` meets ``pattern`` and keeps exactly its ``nnz_budget``."""
+    xp, _ = resolve_namespace(mask=mask)
+    pattern = parse_pattern(pattern)
+    density = check_density(density, pattern)
+    d_in, d_out = mask.shape
+    counts = xp.astype(mask, xp.int64)
+    if pattern.kind == "unstructured":
+        return int(xp.sum(counts)) == keep_count(density, d_in * d_out)
+    if pattern.kind == "per_output":
+        return bool(xp.all(xp.sum(counts, axis=0) == keep_count(density, d_in)))
+    if d_in % pattern.m:
+        return False
+    per_group = xp.sum(xp.reshape(counts, (d_in // pattern.m, pattern.m, d_out)), axis=1)
+    return bool(xp.all(per_group == pattern.n))
+

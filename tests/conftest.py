@@ -1,0 +1,42 @@
+"""Shared fixtures: one test suite over every backend and compute dtype.
+
+``backend`` runs a test on NumPy, array_api_strict (which proves the core uses only the array
+API standard) and PyTorch on the CPU, plus CuPy and PyTorch on CUDA when a GPU is present
+(skipped, with the reason, when not). ``dtype_name`` runs it in float32 and float64.
+"""
+
+from __future__ import annotations
+
+import os
+
+import hypothesis
+import pytest
+
+from backends import BACKEND_NAMES, DTYPE_NAMES, make_backend
+
+# The backend fixtures are stateless, so sharing them across examples is safe.
+_SUPPRESSED = [hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.function_scoped_fixture]
+hypothesis.settings.register_profile("default", max_examples=25, deadline=None,
+                                     suppress_health_check=_SUPPRESSED)
+hypothesis.settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                                     suppress_health_check=_SUPPRESSED)
+hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request):
+    available, reason_or_backend = make_backend(request.param)
+    if not available:
+        pytest.skip(reason_or_backend)
+    return reason_or_backend
+
+
+@pytest.fixture(params=DTYPE_NAMES)
+def dtype_name(request):
+    return request.param
+
+
+@pytest.fixture
+def xp(backend):
+    """The array namespace of the backend under test."""
+    return backend.xp
