@@ -32,6 +32,7 @@ __all__ = [
     "kth_largest",
     "top_k_mask",
     "solve_triangular",
+    "cholesky",
     "spd_inverse",
     "add_to_diagonal",
     "synchronize",
@@ -233,25 +234,45 @@ def top_k_mask(xp: Any, scores: Any, k: int, axis: int | None = None) -> Any:
     Ties at the threshold are broken by position (the first ones in C order along the selected
     axis are kept), so the count is exact whatever the ties and the result is deterministic on
     every backend. ``k = 0`` gives an all-false mask, ``k = size`` an all-true mask.
+
+    Cost: one partial selection, plus a cumulative count for the ties. On the host the count is
+    skipped when no slice has a tie straddling its threshold (the usual case for real scores);
+    on a GPU it always runs, as checking would synchronise with the host.
     """
+    device = array_api_compat.device(scores)
     size = math.prod(scores.shape) if axis is None else scores.shape[axis]
     if not 0 <= k <= size:
         raise ValueError(f"k must be in [0, {size}], got {k}")
     if k == 0:
-        return xp.zeros(scores.shape, dtype=xp.bool, device=array_api_compat.device(scores))
+        return xp.zeros(scores.shape, dtype=xp.bool, device=device)
     if k == size:
-        return xp.ones(scores.shape, dtype=xp.bool, device=array_api_compat.device(scores))
+        return xp.ones(scores.shape, dtype=xp.bool, device=device)
     threshold = kth_largest(xp, scores, k, axis)
+    at_least = scores >= threshold
+    if _on_host(xp, device):
+        kept = xp.sum(xp.astype(at_least, xp.int64), axis=axis)
+        if bool(xp.all(kept == k)):
+            return at_least
     above = scores > threshold
-    at = scores == threshold
+    at = at_least & ~above
+    count_dtype = xp.int32 if math.prod(scores.shape) < 2**31 else xp.int64
     if axis is None:
-        missing = k - xp.sum(xp.astype(above, xp.int64))
+        missing = k - xp.sum(xp.astype(above, count_dtype))
         flat_at = xp.reshape(at, (-1,))
-        rank_at = xp.reshape(xp.cumulative_sum(xp.astype(flat_at, xp.int64)), scores.shape)
+        rank_at = xp.reshape(xp.cumulative_sum(xp.astype(flat_at, count_dtype)), scores.shape)
     else:
-        missing = k - xp.sum(xp.astype(above, xp.int64), axis=axis, keepdims=True)
-        rank_at = xp.cumulative_sum(xp.astype(at, xp.int64), axis=axis)
+        missing = k - xp.sum(xp.astype(above, count_dtype), axis=axis, keepdims=True)
+        rank_at = xp.cumulative_sum(xp.astype(at, count_dtype), axis=axis)
     return above | (at & (rank_at <= missing))
+
+
+def _on_host(xp: Any, device: Any) -> bool:
+    """True when reading a value back is free (no device to synchronise with)."""
+    if is_cupy_namespace(xp):
+        return False
+    if is_torch_namespace(xp):
+        return device.type == "cpu"
+    return True
 
 
 def solve_triangular(xp: Any, A: Any, B: Any, *, lower: bool) -> Any:
@@ -271,30 +292,69 @@ def solve_triangular(xp: Any, A: Any, B: Any, *, lower: bool) -> Any:
     return xp.linalg.solve(A, B)
 
 
-def spd_inverse(xp: Any, A: Any) -> Any:
-    """Inverse of a symmetric positive definite matrix through its Cholesky factor.
+def _not_definite(name: str) -> ValueError:
+    return ValueError(f"{name} is not positive semi-definite: its damped Gram matrix has no "
+                      "Cholesky factor (pass a Gram matrix XᵀX)")
 
-    Used where one inverse is applied many times (ADMM iterations): afterwards each application
-    is a single GEMM, cheaper on every backend than two triangular solves.
+
+def cholesky(xp: Any, A: Any, name: str = "H") -> Any:
+    """Lower Cholesky factor of a symmetric positive definite ``A``.
 
     Raises
     ------
-    numpy.linalg.LinAlgError or the backend's equivalent
-        If ``A`` is not positive definite.
+    ValueError
+        Naming ``name``, if ``A`` is not numerically positive definite.
+    """
+    try:
+        L = xp.linalg.cholesky(A)
+    except (np.linalg.LinAlgError, RuntimeError) as exc:  # torch's LinAlgError is a RuntimeError
+        raise _not_definite(name) from exc
+    # Some backends (CuPy) return NaN instead of raising on a failed factorization.
+    if not bool(xp.all(xp.isfinite(xp.linalg.diagonal(L)))):
+        raise _not_definite(name)
+    return L
+
+
+def spd_inverse(xp: Any, A: Any, name: str = "H") -> Any:
+    """Inverse of a symmetric positive definite matrix through its Cholesky factor.
+
+    Used where one inverse is applied many times (ADMM iterations): afterwards each application
+    is a single GEMM, cheaper on every backend than two triangular solves. The inverse itself
+    costs about one GEMM of the same order (LAPACK potrf + potri on NumPy).
+
+    Raises
+    ------
+    ValueError
+        Naming ``name``, if ``A`` is not numerically positive definite (the matrix it was built
+        from, typically a damped Gram matrix, is then indefinite).
     """
     if is_numpy_namespace(xp):
-        import scipy.linalg
-
-        factor = scipy.linalg.cho_factor(A, lower=True, check_finite=False)
-        return scipy.linalg.cho_solve(factor, np.eye(A.shape[0], dtype=A.dtype), check_finite=False)
+        try:
+            return _numpy_spd_inverse(A)
+        except np.linalg.LinAlgError as exc:
+            raise _not_definite(name) from exc
+    L = cholesky(xp, A, name)
     if is_torch_namespace(xp):
         import torch
 
-        return torch.cholesky_inverse(torch.linalg.cholesky(A))
-    L = xp.linalg.cholesky(A)
+        return torch.cholesky_inverse(L)
     identity = xp.eye(A.shape[0], dtype=A.dtype, device=array_api_compat.device(A))
     L_inv = solve_triangular(xp, L, identity, lower=True)
     return L_inv.T @ L_inv
+
+
+def _numpy_spd_inverse(A: np.ndarray) -> np.ndarray:
+    import scipy.linalg
+
+    potrf, potri = scipy.linalg.get_lapack_funcs(("potrf", "potri"), (A,))
+    factor, info = potrf(A, lower=True, clean=False, overwrite_a=False)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"potrf failed (info={info})")
+    inverse, info = potri(factor, lower=True, overwrite_c=True)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"potri failed (info={info})")
+    # potri fills the lower triangle only.
+    return np.tril(inverse) + np.tril(inverse, -1).T
 
 
 def add_to_diagonal(xp: Any, A: Any, values: Any) -> Any:

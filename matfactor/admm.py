@@ -41,7 +41,7 @@ from typing import Any, Callable
 from ._array import add_to_diagonal, resolve_namespace, spd_inverse
 from .exceptions import ConvergenceWarning
 from .pruning import PruningProblem, prepare_pruning_problem
-from .sparsity import cubic_schedule, gradual_mask
+from .sparsity import SparsityPattern, cubic_schedule, gradual_mask
 
 __all__ = ["AdmmState", "admm_prune", "admm_solve"]
 
@@ -84,10 +84,7 @@ class _Preconditioned:
 
 def _precondition(xp: Any, W: Any, H: Any, damping: float) -> _Preconditioned:
     diagonal = xp.linalg.diagonal(H)
-    dead = diagonal <= 0
-    if bool(xp.all(dead)):
-        raise ValueError("H has an all-zero diagonal: every input is dead, there is nothing to "
-                         "reconstruct")
+    dead = diagonal <= 0  # not all: checked by prepare_pruning_problem
     scale = xp.where(dead, xp.ones_like(diagonal), xp.sqrt(xp.where(dead, xp.ones_like(diagonal),
                                                                         diagonal)))
     H_n = H / scale[:, None] / scale[None, :]
@@ -142,7 +139,8 @@ def _admm_iterations(xp: Any, H_rho_inv: Any, target: Any, rho: float, W_hat: An
     """Run eq. (1): ``iters`` Ŵ-updates, each preceded by the Z- and U-updates.
 
     ``mask_at(t, Ŵ + U)`` returns the mask for step ``t`` (or ``None`` to keep the current one).
-    Returns the last ``(Ŵ, Z, U, mask)``; ``Z`` is computed from the last ``Ŵ``.
+    Returns the last ``(Ŵ, Z, U, mask)`` after a complete Z- and U-update: the state from which
+    a warm start resumes with the next Ŵ-update.
     """
     zeros = xp.zeros_like(W_hat)
     for t in range(iters + 1):
@@ -150,16 +148,18 @@ def _admm_iterations(xp: Any, H_rho_inv: Any, target: Any, rho: float, W_hat: An
         if mask_at is not None:
             new_mask = mask_at(t, V)
             mask = mask if new_mask is None else new_mask
-        Z = xp.where(mask, V, zeros)
-        U = V - Z
+        # With Z = M ⊙ V: U ← V − Z is V off the mask, and Z − U is ±V. Written this way the
+        # step costs two fewer passes over the matrix than forming Z.
+        U = xp.where(mask, zeros, V)
         if t == iters:
-            return W_hat, Z, U, mask
-        W_hat = H_rho_inv @ (target + rho * (Z - U))
+            return W_hat, xp.where(mask, V, zeros), U, mask
+        W_hat = H_rho_inv @ (target + rho * xp.where(mask, V, -V))
     raise AssertionError("unreachable")
 
 
-def admm_prune(W: Any, H: Any, *, density: float | None = None, pattern: str = "unstructured",
-               iters: int = 20, gradual_iters: int = 15, damping: float = 0.1, rho: float = 1.0,
+def admm_prune(W: Any, H: Any, *, density: float | None = None,
+               pattern: str | SparsityPattern = "unstructured", iters: int = 20,
+               gradual_iters: int = 15, damping: float = 0.1, rho: float = 1.0,
                warm_start: AdmmState | None = None, return_state: bool = False) -> Any:
     """Prune ``W`` with ADMM and gradual mask selection (Boža 2024; DSF paper, section 3.1).
 
@@ -187,7 +187,10 @@ def admm_prune(W: Any, H: Any, *, density: float | None = None, pattern: str = "
     rho
         ADMM penalty in preconditioned coordinates (the paper's 1).
     warm_start
-        A previous :class:`AdmmState` on the same ``W`` and ``H`` to continue from.
+        A previous :class:`AdmmState` on the same ``W`` and ``H`` to resume from: the first
+        iteration is the Ŵ-update from its ``(Z, U)``. With ``gradual_iters=0`` its mask is kept
+        (10 + 10 warm-started iterations equal 20 at once); with ``gradual_iters > 0`` the mask
+        is selected again along the schedule, starting from ``|Ŵ + U|``.
     return_state
         Return the :class:`AdmmState` instead of the pruned weight.
 

@@ -21,6 +21,7 @@ from ._array import (
     add_to_diagonal,
     as_compute_matrix,
     check_gram,
+    cholesky,
     common_compute_dtype,
     resolve_namespace,
     spd_inverse,
@@ -42,7 +43,7 @@ class Pruner(Protocol):
     """The signature shared by all pruners."""
 
     def __call__(self, W: Any, H: Any | None, *, density: float | None = None,
-                 pattern: str = "unstructured") -> Any: ...
+                 pattern: str | SparsityPattern = "unstructured") -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ def prepare_pruning_problem(W: Any, H: Any | None, density: float | None,
     else:
         H = as_compute_matrix(xp, H, "H", dtype)
         check_gram(xp, H, W.shape[0])
+        if needs_H and not bool(xp.any(xp.linalg.diagonal(H) > 0)):
+            raise ValueError("H has an all-zero diagonal: every input is dead, there is nothing "
+                             "to reconstruct")
     pattern = parse_pattern(pattern)
     density = check_density(density, pattern)
     if nnz_budget(tuple(W.shape), density, pattern) == 0:
@@ -78,7 +82,7 @@ def prepare_pruning_problem(W: Any, H: Any | None, density: float | None,
 
 
 def magnitude_prune(W: Any, H: Any | None = None, *, density: float | None = None,
-                    pattern: str = "unstructured") -> Any:
+                    pattern: str | SparsityPattern = "unstructured") -> Any:
     """Keep the largest ``|W|`` under ``pattern``: the Frobenius projection onto the pattern.
 
     ``H`` is accepted for the shared signature and validated, but not used.
@@ -89,7 +93,7 @@ def magnitude_prune(W: Any, H: Any | None = None, *, density: float | None = Non
 
 
 def wanda_prune(W: Any, H: Any, *, density: float | None = None,
-                pattern: str = "unstructured") -> Any:
+                pattern: str | SparsityPattern = "unstructured") -> Any:
     """Wanda (Sun et al., 2023): keep the largest ``|W_ij| · ||X_i||`` under ``pattern``.
 
     ``||X_i||² = H_ii`` is the squared norm of input ``i`` over the calibration set. No weight
@@ -118,16 +122,14 @@ def damped_hessian(xp: Any, H: Any, damping: float) -> tuple[Any, Any]:
     """
     diagonal = xp.linalg.diagonal(H)
     dead = diagonal <= 0
-    n_live = int(xp.sum(xp.astype(~dead, xp.int64)))
-    if n_live == 0:
-        raise ValueError("H is zero: every input is dead, there is nothing to reconstruct")
+    n_live = int(xp.sum(xp.astype(~dead, xp.int64)))  # >= 1: checked by prepare_pruning_problem
     live_mean = xp.sum(xp.where(dead, xp.zeros_like(diagonal), diagonal)) / n_live
     fill = xp.where(dead, live_mean, xp.zeros_like(diagonal))
     return add_to_diagonal(xp, H, fill + damping * live_mean), dead
 
 
 def sparsegpt_prune(W: Any, H: Any, *, density: float | None = None,
-                    pattern: str = "unstructured", damping: float = 0.01,
+                    pattern: str | SparsityPattern = "unstructured", damping: float = 0.01,
                     block_size: int = 128) -> Any:
     """SparseGPT (Frantar & Alistarh, 2023): optimal-brain-surgeon pruning with lazy updates.
 
@@ -162,9 +164,10 @@ def sparsegpt_prune(W: Any, H: Any, *, density: float | None = None,
     """
     problem = prepare_pruning_problem(W, H, density, pattern, needs_H=True)
     xp, pattern, density = problem.xp, problem.pattern, problem.density
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
+    if isinstance(damping, bool) or not (isinstance(damping, (int, float))
+                                         and math.isfinite(damping) and damping > 0):
         raise ValueError(f"damping must be a positive number, got {damping!r}")
-    if not (isinstance(block_size, int) and block_size >= 1):
+    if isinstance(block_size, bool) or not (isinstance(block_size, int) and block_size >= 1):
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     d_in, d_out = problem.W.shape
     if pattern.kind == "n:m":
@@ -174,7 +177,7 @@ def sparsegpt_prune(W: Any, H: Any, *, density: float | None = None,
     W = xp.where(dead[:, None], xp.zeros_like(problem.W), problem.W)
     # Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): row i of U, scaled by 1/U_ii, is the OBS
     # compensation of removing input i given that inputs < i are already fixed.
-    U = xp.linalg.cholesky(spd_inverse(xp, H_damped)).T
+    U = cholesky(xp, spd_inverse(xp, H_damped)).T
 
     total_budget = nnz_budget((d_in, d_out), density, pattern)
     column_budget = keep_count(density, d_in) if pattern.kind == "per_output" else 0

@@ -240,18 +240,29 @@ def wanda_scores(W: Any, H: Any) -> Any:
 
 
 def mask_satisfies(mask: Any, density: float | None, pattern: str | SparsityPattern) -> bool:
-    """True when ``mask`` meets ``pattern`` and keeps exactly its ``nnz_budget``."""
+    """True when the boolean ``mask`` meets ``pattern`` and keeps exactly its ``nnz_budget``.
+
+    Raises
+    ------
+    TypeError
+        If ``mask`` is not boolean (test ``W_sparse != 0`` rather than ``W_sparse``).
+    ValueError
+        If ``mask`` is not 2-D or ``pattern`` cannot apply to its shape (as :func:`nnz_budget`).
+    """
     xp, _ = resolve_namespace(mask=mask)
+    if mask.dtype != xp.bool:
+        raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be a 2-D matrix, got shape {tuple(mask.shape)}")
     pattern = parse_pattern(pattern)
     density = check_density(density, pattern)
     d_in, d_out = mask.shape
+    _check_shape_fits(pattern, d_in)
     counts = xp.astype(mask, xp.int64)
     if pattern.kind == "unstructured":
         return int(xp.sum(counts)) == keep_count(density, d_in * d_out)
     if pattern.kind == "per_output":
         return bool(xp.all(xp.sum(counts, axis=0) == keep_count(density, d_in)))
-    if d_in % pattern.m:
-        return False
     per_group = xp.sum(xp.reshape(counts, (d_in // pattern.m, pattern.m, d_out)), axis=1)
     return bool(xp.all(per_group == pattern.n))
 

@@ -11,17 +11,25 @@ here have what makes layer-wise compression hard:
 - a few dead inputs (always zero), so ``H`` is singular;
 - weights with heavy tails and a decaying spectrum rather than white noise.
 
-Everything is generated with NumPy in float64 from a seed; convert with the backend of your
-choice (``torch.asarray``, ``cupy.asarray``, ...).
+Everything is generated with NumPy in float64 from a seed; :class:`Backend` converts to the
+array library under test (NumPy, array_api_strict, PyTorch on CPU or CUDA, CuPy).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import array_api_compat
 import numpy as np
 
-__all__ = ["LayerProblem", "realistic_layer"]
+from ._array import synchronize
+
+__all__ = ["BACKEND_NAMES", "Backend", "BackendUnavailable", "LayerProblem", "load_backend",
+           "realistic_layer"]
+
+#: Backends the test suite and the benchmarks run on, where available.
+BACKEND_NAMES = ["numpy", "array_api_strict", "torch-cpu", "torch-cuda", "cupy"]
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,9 @@ def realistic_layer(d_in: int, d_out: int, *, n_samples: int | None = None,
     norm_spread
         Ratio between the largest and smallest live input norm (before outliers).
     n_outliers
-        Number of outlier features with ten times the largest regular norm; default
-        ``max(1, d_in // 128)``.
+        Number of outlier features; default ``max(1, d_in // 128)``.
+    outlier_factor
+        Norm of the outlier features relative to the largest regular norm (default 3).
     seed
         Seed of the generator.
     """
@@ -105,3 +114,90 @@ def realistic_layer(d_in: int, d_out: int, *, n_samples: int | None = None,
     H = X.T @ X
     H = (H + H.T) / 2
     return LayerProblem(W=W, H=H, X=X, dead=dead)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One array library on one device, as the tests use it."""
+
+    name: str
+    xp: Any
+    device: Any
+    _native: Any
+
+    def dtype(self, name: str) -> Any:
+        return getattr(self.xp, name)
+
+    def asarray(self, a: Any, dtype: str | None = None) -> Any:
+        """A NumPy array (or anything NumPy takes) as this backend's array on its device."""
+        a = np.asarray(a)
+        if dtype is not None:
+            a = a.astype(dtype if dtype != "bfloat16" else "float32")
+        if self.name.startswith("torch"):
+            tensor = self._native.asarray(a, device=self.device)
+            return tensor.to(self._native.bfloat16) if dtype == "bfloat16" else tensor
+        if self.name == "array_api_strict":
+            return self._native.asarray(a, device=self.device)
+        return self._native.asarray(a)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        if self.name.startswith("torch"):
+            return x.detach().cpu().numpy() if x.dtype != self._native.bfloat16 \
+                else x.detach().float().cpu().numpy()
+        if self.name == "cupy":
+            return x.get()
+        if self.name == "array_api_strict":
+            return np.from_dlpack(x)
+        return np.asarray(x)
+
+    def same_device(self, x: Any) -> bool:
+        return array_api_compat.device(x) == self.device
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (call before reading a clock)."""
+        synchronize(self.xp, self.device)
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend is not installed or has no device here; the message says why."""
+
+
+def load_backend(name: str) -> Backend:
+    """The backend called ``name`` (one of :data:`BACKEND_NAMES`).
+
+    The array library is imported only here, on request: the solvers themselves never import
+    torch or cupy.
+
+    Raises
+    ------
+    BackendUnavailable
+        If its library is missing or it needs a GPU that is not present.
+    """
+    if name == "numpy":
+        return Backend(name, array_api_compat.array_namespace(np.empty(0)), "cpu", np)
+    if name == "array_api_strict":
+        try:
+            import array_api_strict
+        except ImportError as exc:
+            raise BackendUnavailable("array_api_strict is not installed") from exc
+        return Backend(name, array_api_strict, array_api_strict.Device("CPU_DEVICE"),
+                             array_api_strict)
+    if name.startswith("torch"):
+        try:
+            import torch
+        except ImportError as exc:
+            raise BackendUnavailable("torch is not installed") from exc
+        if name == "torch-cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("no CUDA device (torch.cuda.is_available() is False)")
+        device = torch.device("cuda" if name == "torch-cuda" else "cpu")
+        return Backend(name, array_api_compat.array_namespace(torch.empty(0)), device, torch)
+    if name == "cupy":
+        try:
+            import cupy
+            if cupy.cuda.runtime.getDeviceCount() == 0:
+                raise BackendUnavailable("no CUDA device for cupy")
+        except Exception as exc:  # ImportError, or CUDA runtime errors without a driver
+            raise BackendUnavailable(f"cupy unavailable: {type(exc).__name__}: {exc}") from exc
+        return Backend(name, array_api_compat.array_namespace(cupy.empty(0)),
+                             cupy.cuda.Device(), cupy)
+    raise ValueError(f"unknown backend {name!r}; choose from {BACKEND_NAMES}")

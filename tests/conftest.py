@@ -12,7 +12,9 @@ import os
 import hypothesis
 import pytest
 
-from backends import BACKEND_NAMES, DTYPE_NAMES, make_backend
+from matfactor.testing import BACKEND_NAMES, BackendUnavailable, load_backend
+
+DTYPE_NAMES = ["float32", "float64"]
 
 # The backend fixtures are stateless, so sharing them across examples is safe.
 _SUPPRESSED = [hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.function_scoped_fixture]
@@ -25,10 +27,10 @@ hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 @pytest.fixture(params=BACKEND_NAMES)
 def backend(request):
-    available, reason_or_backend = make_backend(request.param)
-    if not available:
-        pytest.skip(reason_or_backend)
-    return reason_or_backend
+    try:
+        return load_backend(request.param)
+    except BackendUnavailable as reason:
+        pytest.skip(str(reason))
 
 
 @pytest.fixture(params=DTYPE_NAMES)

@@ -147,5 +147,5 @@ def test_bad_parameters_are_named():
         admm_solve(W, H, np.ones((8, 8), dtype=bool))
     with pytest.raises(TypeError, match="warm_start must be an AdmmState"):
         admm_prune(W, H, density=0.5, warm_start=(W, W))
-    with pytest.raises(ValueError, match="every input is dead"):
-        admm_prune(W, np.zeros_like(H), density=0.5)
+    with pytest.raises(ValueError, match="iters must be an integer >= 1"):
+        admm_prune(W, H, density=0.5, iters=0, gradual_iters=0)

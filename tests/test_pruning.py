@@ -155,3 +155,18 @@ def test_sparsegpt_recovers_exactly_sparse_weights():
     for prune in (sparsegpt_prune, admm_prune):
         result = prune(W, problem.H, density=0.5)
         assert layer_error(W, result, problem.H) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["sparsegpt", "admm"])
+def test_indefinite_H_is_named_not_a_backend_crash(backend, name):
+    # Symmetric with a positive diagonal, but eigenvalues 6 and -4: not a Gram matrix.
+    H = np.kron(np.eye(4), np.array([[1.0, 5.0], [5.0, 1.0]]))
+    W = np.random.default_rng(0).standard_normal((8, 4))
+    with pytest.raises(ValueError, match="H is not positive semi-definite"):
+        PRUNERS[name](backend.asarray(W), backend.asarray(H), density=0.5)
+
+
+@pytest.mark.parametrize("name", ["wanda", "sparsegpt", "admm"])
+def test_all_dead_inputs_are_an_error(name):
+    with pytest.raises(ValueError, match="every input is dead"):
+        PRUNERS[name](np.ones((8, 4)), np.zeros((8, 8)), density=0.5)

@@ -107,6 +107,13 @@ def test_density_that_keeps_nothing():
         mask_from_scores(np.ones((4, 4)), 0.1, "per_output")
 
 
+def test_mask_satisfies_validates_its_input():
+    with pytest.raises(TypeError, match="mask must be a boolean array"):
+        mask_satisfies(np.ones((8, 2)), 0.5, "unstructured")
+    with pytest.raises(ValueError, match="d_in divisible by m = 3"):
+        mask_satisfies(np.ones((8, 2), dtype=bool), None, "2:3")
+
+
 def test_mask_satisfies_detects_violations():
     mask = np.zeros((8, 2), dtype=bool)
     mask[:2, :] = True
