@@ -250,8 +250,7 @@ def top_k_mask(xp: Any, scores: Any, k: int, axis: int | None = None) -> Any:
     threshold = kth_largest(xp, scores, k, axis)
     at_least = scores >= threshold
     if _on_host(xp, device):
-        kept = xp.sum(xp.astype(at_least, xp.int64), axis=axis)
-        if bool(xp.all(kept == k)):
+        if bool(xp.all(xp.count_nonzero(at_least, axis=axis) == k)):
             return at_least
     above = scores > threshold
     at = at_least & ~above
@@ -353,8 +352,10 @@ def _numpy_spd_inverse(A: np.ndarray) -> np.ndarray:
     inverse, info = potri(factor, lower=True, overwrite_c=True)
     if info != 0:
         raise np.linalg.LinAlgError(f"potri failed (info={info})")
-    # potri fills the lower triangle only.
-    return np.tril(inverse) + np.tril(inverse, -1).T
+    # potri fills the lower triangle only: mirror it into the upper one in place.
+    upper = np.triu(np.ones(inverse.shape, dtype=bool), 1)
+    np.copyto(inverse, inverse.T, where=upper)
+    return inverse
 
 
 def add_to_diagonal(xp: Any, A: Any, values: Any) -> Any:

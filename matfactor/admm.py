@@ -38,9 +38,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import array_api_compat
+
 from ._array import add_to_diagonal, resolve_namespace, spd_inverse
 from .exceptions import ConvergenceWarning
-from .pruning import PruningProblem, prepare_pruning_problem
+from .pruning import prepare_pruning_problem
 from .sparsity import SparsityPattern, cubic_schedule, gradual_mask
 
 __all__ = ["AdmmState", "admm_prune", "admm_solve"]
@@ -134,26 +136,28 @@ def _warm_iterate(xp: Any, pre: _Preconditioned, warm_start: AdmmState, dtype: A
 
 
 def _admm_iterations(xp: Any, H_rho_inv: Any, target: Any, rho: float, W_hat: Any, U: Any,
-                     mask: Any, iters: int, mask_at: Callable[[int, Any], Any] | None,
+                     iters: int, mask_at: Callable[[int, Any], Any],
                      ) -> tuple[Any, Any, Any, Any]:
     """Run eq. (1): ``iters`` Ŵ-updates, each preceded by the Z- and U-updates.
 
-    ``mask_at(t, Ŵ + U)`` returns the mask for step ``t`` (or ``None`` to keep the current one).
+    ``mask_at(t, Ŵ + U)`` returns the mask for step ``t`` (``None`` keeps the current one; at
+    ``t = 0`` it must return one).
     Returns the last ``(Ŵ, Z, U, mask)`` after a complete Z- and U-update: the state from which
     a warm start resumes with the next Ŵ-update.
     """
-    zeros = xp.zeros_like(W_hat)
+    rho_array = xp.asarray(rho, dtype=W_hat.dtype, device=array_api_compat.device(W_hat))
     for t in range(iters + 1):
         V = W_hat + U
         if mask_at is not None:
             new_mask = mask_at(t, V)
-            mask = mask if new_mask is None else new_mask
-        # With Z = M ⊙ V: U ← V − Z is V off the mask, and Z − U is ±V. Written this way the
-        # step costs two fewer passes over the matrix than forming Z.
-        U = xp.where(mask, zeros, V)
+            if new_mask is not None:
+                mask = new_mask
+                # Z − U = ±V with Z = M ⊙ V and U ← V − Z: one signed scaling per mask.
+                signed_rho = xp.where(mask, rho_array, -rho_array)
+        U = xp.where(mask, 0.0, V)
         if t == iters:
-            return W_hat, xp.where(mask, V, zeros), U, mask
-        W_hat = H_rho_inv @ (target + rho * xp.where(mask, V, -V))
+            return W_hat, xp.where(mask, V, 0.0), U, mask
+        W_hat = H_rho_inv @ (target + signed_rho * V)
     raise AssertionError("unreachable")
 
 
@@ -221,27 +225,21 @@ def admm_prune(W: Any, H: Any, *, density: float | None = None,
         W_hat, remaining = H_rho_inv @ (target + rho * (Z - U)), iters - 1
 
     def mask_at(t: int, V: Any) -> Any:
+        # Dead inputs have Ŵ + U = 0 exactly, so they are the first to go.
         if t < gradual_iters:
-            return _dead_last_mask(xp, pre, V, problem, cubic_schedule(t + 1, gradual_iters))
+            return gradual_mask(xp, xp.abs(V), problem.density, problem.pattern,
+                                cubic_schedule(t + 1, gradual_iters))
         if t == 0:  # no gradual phase: keep a warm start's mask, or select one at once
             if warm_start is not None:
                 return warm_start.mask
-            return _dead_last_mask(xp, pre, V, problem, 1.0)
+            return gradual_mask(xp, xp.abs(V), problem.density, problem.pattern, 1.0)
         return None
 
-    _, Z, U, mask = _admm_iterations(xp, H_rho_inv, target, rho, W_hat, U, None, remaining,
-                                     mask_at)
+    _, Z, U, mask = _admm_iterations(xp, H_rho_inv, target, rho, W_hat, U, remaining, mask_at)
     Z_user = _to_user(xp, pre, Z)
     if not return_state:
         return Z_user
     return AdmmState(Z_user, _to_user(xp, pre, U), mask, iters)
-
-
-def _dead_last_mask(xp: Any, pre: _Preconditioned, V: Any, problem: PruningProblem,
-                    fraction: float) -> Any:
-    """Gradual mask on ``|V|`` in which dead inputs are the first to go."""
-    scores = xp.where(pre.dead[:, None], xp.full_like(V, -1.0), xp.abs(V))
-    return gradual_mask(xp, scores, problem.density, problem.pattern, fraction)
 
 
 def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 1.0,
@@ -329,8 +327,8 @@ def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 
             Z_previous = Z
             W_hat = H_rho_inv @ (target + rho * (Z - U))
             V = W_hat + U
-            Z = xp.where(mask, V, zeros)
-            U = V - Z
+            Z = xp.where(mask, V, 0.0)
+            U = xp.where(mask, 0.0, V)
         iterations += steps
         scale = max(float(xp.linalg.vector_norm(W_hat)), float(xp.linalg.vector_norm(Z)),
                     float(xp.linalg.vector_norm(rho * U)), 1e-300)
