@@ -217,8 +217,10 @@ def kth_largest(xp: Any, x: Any, k: int, axis: int | None = None) -> Any:
     position = size - k  # index of the k-th largest in ascending order
     if is_numpy_namespace(xp) or is_cupy_namespace(xp):
         module = np if is_numpy_namespace(xp) else __import__("cupy")
-        values = module.take(module.partition(x, position, axis=0 if axis is None else axis),
-                             [position], axis=0 if axis is None else axis)
+        along = 0 if axis is None else axis
+        # A slice (not a list index, which CuPy's take rejects) keeps the axis for broadcasting.
+        partitioned = module.partition(x, position, axis=along)
+        values = partitioned[(slice(None),) * along + (slice(position, position + 1),)]
     elif is_torch_namespace(xp):
         values = x.kthvalue(position + 1, dim=0 if axis is None else axis, keepdim=True).values
     else:
