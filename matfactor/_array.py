@@ -28,6 +28,7 @@ __all__ = [
     "as_compute_matrix",
     "check_finite",
     "check_gram",
+    "check_symmetric",
     "random_normal",
     "kth_largest",
     "top_k_mask",
@@ -138,15 +139,26 @@ def check_gram(xp: Any, H: Any, d_in: int, name: str = "H") -> None:
     if H.shape[0] != d_in:
         raise ValueError(f"{name} has shape {tuple(H.shape)} but W has d_in = {d_in} rows; "
                          f"H must be ({d_in}, {d_in})")
-    scale = float(xp.max(xp.abs(H)))
-    asymmetry = float(xp.max(xp.abs(H - H.T)))
-    eps = float(xp.finfo(H.dtype).eps)
-    if asymmetry > 100 * eps * max(scale, 1e-300) * math.sqrt(H.shape[0]):
-        raise ValueError(f"{name} must be symmetric (a Gram matrix XᵀX); max |H - Hᵀ| = "
-                         f"{asymmetry:.3g} against max |H| = {scale:.3g}")
+    check_symmetric(xp, H, name, "a Gram matrix XᵀX")
     if float(xp.min(xp.linalg.diagonal(H))) < 0:
         raise ValueError(f"{name} must be positive semi-definite (a Gram matrix XᵀX), but its "
                          f"diagonal has negative entries")
+
+
+def check_symmetric(xp: Any, A: Any, name: str, what: str = "symmetric") -> None:
+    """Raise ``ValueError`` naming ``name`` unless the square ``A`` is symmetric to rounding.
+
+    The tolerance is relative to the largest entry, the dtype and the size (a Gram matrix
+    accumulated in floating point is symmetric only to rounding).
+    """
+    if A.ndim != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"{name} must be square, got shape {tuple(A.shape)}")
+    scale = float(xp.max(xp.abs(A)))
+    asymmetry = float(xp.max(xp.abs(A - A.T)))
+    eps = float(xp.finfo(A.dtype).eps)
+    if asymmetry > 100 * eps * max(scale, 1e-300) * math.sqrt(A.shape[0]):
+        raise ValueError(f"{name} must be symmetric ({what}); max |{name} - {name}ᵀ| = "
+                         f"{asymmetry:.3g} against max |{name}| = {scale:.3g}")
 
 
 def _numpy_generator(rng: Any) -> np.random.Generator:
