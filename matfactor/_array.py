@@ -35,6 +35,7 @@ __all__ = [
     "solve_triangular",
     "cholesky",
     "spd_inverse",
+    "spd_solve",
     "add_to_diagonal",
     "synchronize",
 ]
@@ -356,6 +357,32 @@ def spd_inverse(xp: Any, A: Any, name: str = "H") -> Any:
     return L_inv.T @ L_inv
 
 
+def spd_solve(xp: Any, A: Any, B: Any, name: str = "H") -> Any:
+    """Solve ``A X = B`` for a symmetric positive definite ``A`` by Cholesky.
+
+    For a matrix used once: a factorization and two triangular solves, no inverse.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name``, if ``A`` is not numerically positive definite.
+    """
+    if is_numpy_namespace(xp):
+        import scipy.linalg
+
+        try:
+            factor = scipy.linalg.cho_factor(A, lower=True, check_finite=False)
+        except np.linalg.LinAlgError as exc:
+            raise _not_definite(name) from exc
+        return scipy.linalg.cho_solve(factor, B, check_finite=False)
+    L = cholesky(xp, A, name)
+    if is_torch_namespace(xp):
+        import torch
+
+        return torch.cholesky_solve(B, L)
+    return solve_triangular(xp, L.T, solve_triangular(xp, L, B, lower=True), lower=False)
+
+
 def _numpy_spd_inverse(A: np.ndarray) -> np.ndarray:
     import scipy.linalg
 
@@ -393,3 +420,123 @@ def synchronize(xp: Any, device: Any) -> None:
 
         cupy.cuda.get_current_stream().synchronize()
 
+
+
+# --- Pivoted QR: the one factorization no GPU library ships --------------------------------------
+
+__all__ += ["pivoted_qr", "pivoted_qr_pivots"]
+
+
+def pivoted_qr(xp: Any, A: Any, k: int, *, refresh: int = 8) -> tuple[Any, Any]:
+    """The first ``k`` steps of Householder QR with column pivoting (Businger & Golub, 1971).
+
+    Step ``j`` picks the column with the largest residual norm (orthogonal to the ``j`` columns
+    already picked), so the pivot columns are a well-conditioned, rank-revealing selection:
+    ``|R_jj|`` is non-increasing and ``|R_kk|`` small against ``|R_11|`` says that ``A`` has
+    numerical rank below ``k``.
+
+    Parameters
+    ----------
+    xp
+        Namespace of ``A``.
+    A
+        ``(m, n)`` floating matrix.
+    k
+        Number of pivot columns, ``1 <= k <= min(m, n)``.
+    refresh
+        The generic path downdates the residual column norms (``‖a_i‖² ← ‖a_i‖² − R_ji²``, two
+        passes over the trailing matrix per step instead of three) and recomputes them exactly
+        every ``refresh`` steps, which bounds the cancellation that downdating suffers once
+        residuals are small against the original norms (LAPACK's ``xLAQP2`` recomputes on a
+        test instead; a test would synchronise with the device every step).
+
+    Returns
+    -------
+    pivots
+        ``(k,)`` int64 column indices on ``A``'s device, in pivot order.
+    R
+        ``(k, n)`` rows of the triangular factor in ``A``'s original column order: with ``Q``
+        the ``(m, k)`` orthonormal factor, ``A[:, pivots] = Q @ R[:, pivots]`` with
+        ``R[:, pivots]`` upper triangular (its strictly lower part is rounding noise on the
+        generic path: mask it before a dense solve), and ``Q @ R`` is the rank-``k``
+        approximation of ``A`` that keeps the pivot columns exactly.
+
+    Notes
+    -----
+    NumPy calls LAPACK ``xGEQP3`` (``scipy.linalg.qr(pivoting=True)``), which factors all
+    ``min(m, n)`` columns. Every other backend runs the generic path on the device: ``k`` Python
+    steps of two BLAS-2 passes over the shrinking ``(m − j, n)`` trailing matrix, with the pivot
+    chosen by an on-device ``argmax`` and gathered by ``take`` (no host synchronisation, no
+    column swaps: selected columns are masked out instead). Cost ``≈ 4 n (m k − k²/2)`` flops.
+    """
+    if A.ndim != 2:
+        raise ValueError(f"A must be a 2-D matrix, got shape {tuple(A.shape)}")
+    m, n = A.shape
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
+        raise ValueError(f"k must be an integer in [1, min(m, n) = {min(m, n)}], got {k!r}")
+    if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+        raise ValueError(f"refresh must be an integer >= 1, got {refresh!r}")
+    if is_numpy_namespace(xp):
+        return _numpy_pivoted_qr(A, k)
+    return _generic_pivoted_qr(xp, A, k, refresh)
+
+
+def pivoted_qr_pivots(xp: Any, A: Any, k: int) -> tuple[Any, Any]:
+    """Pivot columns of ``A`` and the magnitudes ``|R_jj|`` of :func:`pivoted_qr`.
+
+    Returns
+    -------
+    pivots
+        ``(k,)`` int64 column indices on ``A``'s device.
+    R_diag
+        ``(k,)`` non-increasing ``|R_jj|`` (``|R_11|`` is the largest column norm of ``A``);
+        ``R_diag[-1] / R_diag[0]`` near the dtype's eps flags a rank below ``k``.
+    """
+    pivots, R = pivoted_qr(xp, A, k)
+    return pivots, xp.abs(xp.linalg.diagonal(xp.take(R, pivots, axis=1)))
+
+
+def _numpy_pivoted_qr(A: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    import scipy.linalg
+
+    R, P = scipy.linalg.qr(A, mode="r", pivoting=True, check_finite=False)
+    R_original = np.empty((k, A.shape[1]), dtype=R.dtype)
+    R_original[:, P] = R[:k]
+    return P[:k].astype(np.int64), R_original
+
+
+def _generic_pivoted_qr(xp: Any, A: Any, k: int, refresh: int) -> tuple[Any, Any]:
+    n = A.shape[1]
+    device = array_api_compat.device(A)
+    zero = xp.asarray(0.0, dtype=A.dtype, device=device)
+    one = xp.asarray(1.0, dtype=A.dtype, device=device)
+    taken = xp.asarray(-1.0, dtype=A.dtype, device=device)  # below every norm: never re-picked
+    columns = xp.arange(n, device=device)
+    norms2 = xp.sum(A * A, axis=0)
+    selected = xp.zeros(n, dtype=xp.bool, device=device)
+    trailing = A
+    pivots, rows = [], []
+    for j in range(k):
+        # Ties (an exhausted rank: all residuals zero) go to the first unselected column.
+        p = xp.argmax(xp.where(selected, taken, norms2))
+        p1 = xp.reshape(p, (1,))
+        x = xp.take(trailing, p1, axis=1)[:, 0]
+        norm_x = xp.linalg.vector_norm(x)
+        sign = xp.where(x[0] >= 0, one, -one)
+        # Householder vector v = x + sign·‖x‖·e₁ (no cancellation), reflector I − β v vᵀ with
+        # vᵀv = 2‖x‖(‖x‖ + |x₁|); a zero column (rank exhausted) gives β = 0, the identity.
+        v = xp.concat([xp.reshape(x[0] + sign * norm_x, (1,)), x[1:]])
+        vtv = 2 * norm_x * (norm_x + xp.abs(x[0]))
+        positive = vtv > 0
+        beta = xp.where(positive, 2 / xp.where(positive, vtv, one), zero)
+        trailing = trailing - v[:, None] * (beta * (v @ trailing))[None, :]
+        row = trailing[0, :]
+        trailing = trailing[1:, :]
+        pivots.append(p)
+        rows.append(row)
+        selected = selected | (columns == p)
+        if (j + 1) % refresh == 0:
+            norms2 = xp.sum(trailing * trailing, axis=0)
+        else:
+            norms2 = xp.maximum(norms2 - row * row, zero)
+    return xp.stack(pivots), xp.stack(rows)

@@ -135,10 +135,14 @@ def _warm_iterate(xp: Any, pre: _Preconditioned, warm_start: AdmmState, dtype: A
             _from_user(xp, pre, xp.astype(warm_start.U, dtype)))
 
 
-def _admm_iterations(xp: Any, H_rho_inv: Any, target: Any, rho: float, W_hat: Any, U: Any,
+def admm_iterations(xp: Any, H_rho_inv: Any, target: Any, rho: float, W_hat: Any, U: Any,
                      iters: int, mask_at: Callable[[int, Any], Any],
                      ) -> tuple[Any, Any, Any, Any]:
     """Run eq. (1): ``iters`` Ŵ-updates, each preceded by the Z- and U-updates.
+
+    The engine shared by every ADMM L0 regression in matfactor (pruning here, the factor
+    updates of :mod:`matfactor.dsf`): ``H_rho_inv = (G + ρI)⁻¹`` for the (preconditioned,
+    damped) Gram matrix ``G`` and ``target`` the linear term, so that a Ŵ-update is one GEMM.
 
     ``mask_at(t, Ŵ + U)`` returns the mask for step ``t`` (``None`` keeps the current one; at
     ``t = 0`` it must return one).
@@ -148,12 +152,11 @@ def _admm_iterations(xp: Any, H_rho_inv: Any, target: Any, rho: float, W_hat: An
     rho_array = xp.asarray(rho, dtype=W_hat.dtype, device=array_api_compat.device(W_hat))
     for t in range(iters + 1):
         V = W_hat + U
-        if mask_at is not None:
-            new_mask = mask_at(t, V)
-            if new_mask is not None:
-                mask = new_mask
-                # Z − U = ±V with Z = M ⊙ V and U ← V − Z: one signed scaling per mask.
-                signed_rho = xp.where(mask, rho_array, -rho_array)
+        new_mask = mask_at(t, V)
+        if new_mask is not None:
+            mask = new_mask
+            # Z − U = ±V with Z = M ⊙ V and U ← V − Z: one signed scaling per mask.
+            signed_rho = xp.where(mask, rho_array, -rho_array)
         U = xp.where(mask, 0.0, V)
         if t == iters:
             return W_hat, xp.where(mask, V, 0.0), U, mask
@@ -235,7 +238,7 @@ def admm_prune(W: Any, H: Any, *, density: float | None = None,
             return gradual_mask(xp, xp.abs(V), problem.density, problem.pattern, 1.0)
         return None
 
-    _, Z, U, mask = _admm_iterations(xp, H_rho_inv, target, rho, W_hat, U, remaining, mask_at)
+    _, Z, U, mask = admm_iterations(xp, H_rho_inv, target, rho, W_hat, U, remaining, mask_at)
     Z_user = _to_user(xp, pre, Z)
     if not return_state:
         return Z_user

@@ -1,0 +1,356 @@
+"""Double sparse factorization (DSF): ``W ≈ A @ B`` with both factors sparse.
+
+Boža & Macko, "Two sparse matrices are better than one" (DSF paper), section 4 and appendices
+A.1–A.3. For a ``(d_in, d_out)`` weight, ``A`` is ``(d_in, k)`` and ``B`` is ``(k, d_out)`` with
+``k = min(d_in, d_out)``, and ``nnz(A) + nnz(B)`` never exceeds ``density · d_in · d_out``: the
+same number of stored values as ordinary pruning at that density, and the same number of
+multiplications in ``(X @ A) @ B``.
+
+The projection problem ``min ‖A B − W‖_F`` (Algorithm 1) is solved by alternating minimisation:
+the square factor (``k × k``, next to the smaller dimension) starts as the identity and the other
+as the magnitude-pruned ``W``; each outer iteration solves, for each factor in turn, the L0-
+constrained regression ``min ‖F X − T‖`` with the other factor ``F`` fixed, by a few ADMM
+iterations (eq. (1)) warm-started from the previous primal and dual variables. Its first step
+uses a smaller penalty ``ρ₀ = min(1, t/(n − 3))³`` (annealing, section 4.2), which lets the
+early iterations move far from the previous solution.
+
+The layer-wise problem ``min tr((AB − W)ᵀ H (AB − W))`` (section 4.3) projects the input-norm-
+scaled weight ``diag(√H_ii) W`` instead, scales ``A`` back, and then *finalizes*: with both
+masks fixed, ``B`` is solved by ADMM on the true objective (a convex problem), and optionally
+``A`` first, through the Sylvester equation of appendix A.1 (:mod:`matfactor.sylvester`).
+
+Cost: each factor update forms the fixed factor's Gram matrix and the linear term (two
+products), one Cholesky solve for the ``ρ₀`` step, one inverse of ``(G + ρI)`` (about one
+product) and ``inner_iters − 1`` products; masks are chosen by partial selection, never a sort.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+
+from ._array import (
+    add_to_diagonal,
+    as_compute_matrix,
+    check_gram,
+    common_compute_dtype,
+    resolve_namespace,
+    spd_inverse,
+    spd_solve,
+    top_k_mask,
+)
+from .admm import admm_iterations
+from .error import layer_error
+from .sparsity import keep_count
+from .sylvester import SylvesterSolver
+
+__all__ = ["DoubleSparse", "double_sparse", "dsf_budget_split"]
+
+#: Share of the total budget the square factor gets by default (see :func:`dsf_budget_split`).
+AUTO_SQUARE_SHARE = 1 / 3
+
+
+@dataclass(frozen=True)
+class DoubleSparse:
+    """``W ≈ A @ B`` with sparse ``A (d_in, k)`` and ``B (k, d_out)``.
+
+    Attributes
+    ----------
+    A, B
+        The factors, in the compute dtype on the input's device; exactly zero off their masks.
+    """
+
+    A: Any
+    B: Any
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.A.shape[0], self.B.shape[1])
+
+    def dense(self) -> Any:
+        """The approximation ``A @ B`` as a dense ``(d_in, d_out)`` matrix."""
+        return self.A @ self.B
+
+    def matmul(self, X: Any) -> Any:
+        """``X @ (A @ B)`` computed as ``(X @ A) @ B``, without forming the product."""
+        return (X @ self.A) @ self.B
+
+    @property
+    def n_params(self) -> int:
+        """Stored values: ``nnz(A) + nnz(B)``."""
+        xp = array_api_compat.array_namespace(self.A, self.B)
+        return int(xp.count_nonzero(self.A)) + int(xp.count_nonzero(self.B))
+
+    def rel_error(self, W: Any, H: Any | None = None) -> float:
+        """Relative layer error ``tr(DᵀHD) / tr(WᵀHW)`` of ``A @ B`` (Frobenius if ``H=None``)."""
+        return layer_error(W, self.dense(), H)
+
+
+def dsf_budget_split(shape: tuple[int, int], density: float,
+                     split: str | float = "auto") -> tuple[int, int]:
+    """Nonzeros for the square factor and for the other one.
+
+    The total is ``floor(density · d_in · d_out)``; the square factor is ``k × k`` with
+    ``k = min(d_in, d_out)``.
+
+    Parameters
+    ----------
+    shape
+        ``(d_in, d_out)`` of the weight.
+    density
+        Total kept fraction in (0, 1].
+    split
+        ``"auto"``: the square factor gets a third of the total budget (the DSF paper's "1/3 and
+        2/3", section 4.2, and its Fig. 6), which holds across densities and shapes; see the
+        measurements in ``docs/guide.md``. ``"paper"``: the reference code's fixed rule, 16% of
+        the square factor's own size for a square weight and 25% for a rectangular one,
+        whatever the density. A float in (0, 1): that share of the total budget.
+
+    Returns
+    -------
+    (nnz_square, nnz_other)
+        Never more than each factor's size; what one cannot hold goes to the other.
+    """
+    d_in, d_out = shape
+    k, m = min(d_in, d_out), max(d_in, d_out)
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) \
+            or not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    total = keep_count(float(density), d_in * d_out)
+    if split == "auto":
+        square = math.floor(AUTO_SQUARE_SHARE * total)
+    elif split == "paper":
+        square = math.floor((0.16 if d_in == d_out else 0.25) * k * k)
+    elif isinstance(split, numbers.Real) and not isinstance(split, bool) and 0.0 < float(split) < 1.0:
+        square = math.floor(float(split) * total)
+    else:
+        raise ValueError(f"split must be 'auto', 'paper' or a share in (0, 1), got {split!r}")
+    square = min(square, k * k, total)
+    other = min(total - square, k * m)
+    square = min(total - other, k * k)
+    if square < 1 or other < 1:
+        raise ValueError(f"density={density} with split={split!r} leaves a factor of a {shape} "
+                         f"weight without nonzeros ({square} and {other}); increase density")
+    return square, other
+
+
+def double_sparse(W: Any, density: float, H: Any | None = None, *, split: str | float = "auto",
+                  outer_iters: int = 40, inner_iters: int = 5, mask_iters: int = 2,
+                  damping: float = 0.01, finalize: bool = True, finalize_input_factor: bool = False,
+                  finalize_iters: int = 20, square_mask: Any | None = None) -> DoubleSparse:
+    """Double sparse factorization ``W ≈ A @ B`` (DSF paper, Algorithm 1 and section 4.3).
+
+    Parameters
+    ----------
+    W
+        ``(d_in, d_out)`` weight of ``Y = X @ W``.
+    density
+        Total kept fraction in (0, 1]: ``nnz(A) + nnz(B) <= floor(density · d_in · d_out)``.
+    H
+        ``(d_in, d_in)`` calibration Gram matrix ``XᵀX`` for the layer-wise problem; ``None`` for
+        the projection problem ``min ‖AB − W‖_F``.
+    split
+        How the budget is divided between the factors (:func:`dsf_budget_split`).
+    outer_iters, inner_iters
+        Alternating iterations, and ADMM iterations per factor update. The paper's default is
+        40 × 5 (appendix A.3: many outer and few inner iterations work best); 20 × 5 or
+        10 × 5 trade quality for time (appendix A.6).
+    mask_iters
+        Inner iterations that (re)select the factor's mask, from ``|X + U|``; the rest keep it.
+    damping
+        Ridge regularisation of each regression, relative to the mean of the normalised Gram
+        diagonal (the reference code's 1e-2). Must be positive.
+    finalize
+        For the layer-wise problem: re-fit ``B`` on its mask against the true objective.
+    finalize_input_factor
+        Also re-fit ``A`` on its mask first, through the Sylvester equation ``H A (BBᵀ) + ρA =
+        C`` (appendix A.1). The paper finds it helps vision models, not language models.
+    finalize_iters
+        ADMM iterations of each finalization.
+    square_mask
+        Optional fixed boolean mask ``(k, k)`` of the square factor (section 5.1: a random mask
+        shared by all layers, so that only one mask per layer needs storing). Its count is the
+        square factor's budget; the other factor gets the rest.
+
+    Returns
+    -------
+    DoubleSparse
+        Factors in the compute dtype on the input's device.
+    """
+    xp, device = resolve_namespace(W=W, H=H, square_mask=square_mask)
+    dtype = common_compute_dtype(xp, W=W, H=H)
+    W = as_compute_matrix(xp, W, "W", dtype)
+    d_in, d_out = W.shape
+    k = min(d_in, d_out)
+    if H is not None:
+        H = as_compute_matrix(xp, H, "H", dtype)
+        check_gram(xp, H, d_in)
+        if not bool(xp.any(xp.linalg.diagonal(H) > 0)):
+            raise ValueError("H has an all-zero diagonal: every input is dead, there is nothing "
+                             "to reconstruct")
+    for name, value, minimum in (("outer_iters", outer_iters, 1), ("inner_iters", inner_iters, 1),
+                                 ("mask_iters", mask_iters, 0), ("finalize_iters", finalize_iters, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if mask_iters > inner_iters:
+        raise ValueError(f"mask_iters ({mask_iters}) must not exceed inner_iters ({inner_iters})")
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) \
+            or not math.isfinite(damping) or damping <= 0:
+        raise ValueError(f"damping must be a positive number, got {damping!r}")
+
+    if square_mask is not None:
+        if square_mask.dtype != xp.bool or tuple(square_mask.shape) != (k, k):
+            raise ValueError(f"square_mask must be a boolean ({k}, {k}) array, got dtype "
+                             f"{square_mask.dtype} and shape {tuple(square_mask.shape)}")
+        nnz_square = int(xp.count_nonzero(square_mask))
+        total = keep_count(_check_density(density), d_in * d_out)
+        nnz_other = min(total - nnz_square, d_in * d_out)
+        if nnz_square < 1 or nnz_other < 1:
+            raise ValueError(f"square_mask keeps {nnz_square} entries of a budget of {total}: "
+                             "both factors need nonzeros")
+    else:
+        nnz_square, nnz_other = dsf_budget_split((d_in, d_out), _check_density(density), split)
+
+    # Layer-wise: project the input-norm-scaled weight (section 4.3; Wanda's scaling).
+    if H is None:
+        scale, target = None, W
+    else:
+        diagonal = xp.linalg.diagonal(H)
+        dead = diagonal <= 0
+        scale = xp.sqrt(xp.where(dead, xp.zeros_like(diagonal), diagonal))
+        target = W * scale[:, None]
+
+    # Work with T (k × m) ≈ S (k × k) @ other (k × m), k <= m: transpose a tall weight.
+    transposed = d_in > d_out
+    T = target.T if transposed else target
+    S, other = _project(xp, T, nnz_square, nnz_other, outer_iters, inner_iters, mask_iters,
+                    float(damping), None if square_mask is None else
+                    (square_mask.T if transposed else square_mask))
+    A, B = (other.T, S.T) if transposed else (S, other)
+
+    if H is not None:
+        A = xp.where(dead[:, None], xp.zeros_like(A),
+                     A / xp.where(dead, xp.ones_like(scale), scale)[:, None])
+        if finalize:
+            if finalize_input_factor:
+                A = _finalize_input_factor(xp, W, H, A, B, finalize_iters)
+            B = _finalize_output_factor(xp, W, H, A, B, finalize_iters)
+    return DoubleSparse(A, B)
+
+
+def _check_density(density: Any) -> float:
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) \
+            or not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    return float(density)
+
+
+def _project(xp: Any, T: Any, nnz_square: int, nnz_other: int, outer_iters: int,
+             inner_iters: int, mask_iters: int, damping: float, square_mask: Any | None,
+             ) -> tuple[Any, Any]:
+    """Algorithm 1 on ``T ≈ S @ other`` with square ``S``; returns ``(S, other)``."""
+    k = T.shape[0]
+    device = array_api_compat.device(T)
+    S = xp.eye(k, dtype=T.dtype, device=device)
+    # The reference initialises the other factor with half its budget of the largest entries.
+    other = xp.where(top_k_mask(xp, xp.abs(T), max(1, nnz_other // 2)), T, xp.zeros_like(T))
+    U_S, U_other = xp.zeros_like(S), xp.zeros_like(other)
+    for t in range(outer_iters):
+        rho0 = min(1.0, t / max(1, outer_iters - 3)) ** 3
+        # S-update: min ‖otherᵀ Sᵀ − Tᵀ‖, a regression for Sᵀ with the fixed factor otherᵀ.
+        S_t, U_S_t = _sparse_regression(
+            xp, other @ other.T, other @ T.T, S.T, U_S.T, nnz_square, rho0, inner_iters,
+            mask_iters, damping, None if square_mask is None else square_mask.T)
+        S, U_S = S_t.T, U_S_t.T
+        # other-update: min ‖S other − T‖ with the fixed factor S.
+        other, U_other = _sparse_regression(xp, S.T @ S, S.T @ T, other, U_other, nnz_other, rho0,
+                                            inner_iters, mask_iters, damping, None)
+    return S, other
+
+
+def _sparse_regression(xp: Any, G: Any, FtT: Any, Z: Any, U: Any, nnz: int, rho0: float,
+                       inner_iters: int, mask_iters: int, damping: float, fixed_mask: Any | None,
+                       ) -> tuple[Any, Any]:
+    """ADMM for ``min ‖F X − T‖²`` s.t. ``nnz(X) <= nnz``, warm-started from ``(Z, U)``.
+
+    ``G = FᵀF`` and ``FtT = FᵀT``. The columns of ``F`` are normalised (``diag(G) = 1``, the
+    preconditioning of section 3.1), a ridge ``damping · mean(diag G)`` is added, and the first
+    Ŵ-update uses the annealed penalty ``ρ₀`` with one Cholesky solve; the remaining
+    ``inner_iters − 1`` use ``ρ = 1`` through one inverse. Rows of ``X`` whose column of ``F`` is
+    zero cannot affect the fit: they are set to zero and go first when the mask is chosen.
+    """
+    diagonal = xp.linalg.diagonal(G)
+    dead = diagonal <= 0
+    scale = xp.sqrt(xp.where(dead, xp.ones_like(diagonal), diagonal))
+    G_n = G / scale[:, None] / scale[None, :]
+    live_fraction = 1.0 - float(xp.mean(xp.astype(dead, G.dtype)))
+    G_n = add_to_diagonal(xp, G_n, damping * live_fraction)
+    zeros = xp.zeros_like(Z)
+    target = xp.where(dead[:, None], zeros, FtT / scale[:, None])
+    Z_n = xp.where(dead[:, None], zeros, Z * scale[:, None])
+    U_n = xp.where(dead[:, None], zeros, U * scale[:, None])
+    rho = 1.0
+    first = spd_solve(xp, add_to_diagonal(xp, G_n, rho0), target + rho0 * (Z_n - U_n), name="G")
+    G_rho_inv = spd_inverse(xp, add_to_diagonal(xp, G_n, rho), name="G")
+
+    def mask_at(t: int, V: Any) -> Any:
+        if fixed_mask is not None:
+            return fixed_mask if t == 0 else None
+        if t < max(1, mask_iters):
+            return top_k_mask(xp, xp.abs(V), nnz)
+        return None
+
+    _, Z_n, U_n, _ = admm_iterations(xp, G_rho_inv, target, rho, first, U_n, inner_iters - 1,
+                                     mask_at)
+    return Z_n / scale[:, None], U_n / scale[:, None]
+
+
+def _finalize_output_factor(xp: Any, W: Any, H: Any, A: Any, B: Any, iters: int) -> Any:
+    """``B`` on its mask minimising ``tr((AB − W)ᵀ H (AB − W))``: ADMM with ``G = AᵀHA``."""
+    HA = H @ A
+    G = A.T @ HA
+    target = HA.T @ W
+    diagonal = xp.linalg.diagonal(G)
+    dead = diagonal <= 0
+    scale = xp.sqrt(xp.where(dead, xp.ones_like(diagonal), diagonal))
+    G_n = G / scale[:, None] / scale[None, :]
+    rho = 1.0
+    G_rho_inv = spd_inverse(xp, add_to_diagonal(xp, G_n, rho), name="AᵀHA")
+    mask = B != 0
+    B_n = B * scale[:, None]
+    _, Z_n, _, _ = admm_iterations(xp, G_rho_inv, target / scale[:, None], rho, B_n,
+                                   xp.zeros_like(B_n), iters, lambda t, V: mask if t == 0 else None)
+    return Z_n / scale[:, None]
+
+
+def _finalize_input_factor(xp: Any, W: Any, H: Any, A: Any, B: Any, iters: int) -> Any:
+    """``A`` on its mask minimising ``tr((AB − W)ᵀ H (AB − W))`` (appendix A.1).
+
+    ADMM whose Ŵ-update is the Sylvester equation ``H A (BBᵀ) + ρA = H W Bᵀ + ρ(Z − U)``,
+    solved by :class:`matfactor.sylvester.SylvesterSolver` from one eigendecomposition of ``H``
+    and one of ``BBᵀ``. Inputs are normalised (``diag(H) = 1``) and ``ρ`` is taken relative to
+    the scale of ``BBᵀ``, so that one value fits every layer.
+    """
+    diagonal = xp.linalg.diagonal(H)
+    dead = diagonal <= 0
+    scale = xp.sqrt(xp.where(dead, xp.ones_like(diagonal), diagonal))
+    H_n = H / scale[:, None] / scale[None, :]
+    N = B @ B.T
+    solver = SylvesterSolver(H_n, N)
+    rho = float(xp.mean(xp.linalg.diagonal(N)))
+    if rho <= 0:
+        return A
+    linear = (H_n @ (W * scale[:, None])) @ B.T
+    mask = A != 0
+    Z = A * scale[:, None]
+    U = xp.zeros_like(Z)
+    for _ in range(iters):
+        X = solver.solve(linear + rho * (Z - U), rho)
+        V = X + U
+        Z = xp.where(mask, V, 0.0)
+        U = V - Z
+    return xp.where(dead[:, None], xp.zeros_like(Z), Z / scale[:, None])
