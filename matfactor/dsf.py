@@ -50,8 +50,10 @@ from .sylvester import SylvesterSolver
 
 __all__ = ["DoubleSparse", "double_sparse", "dsf_budget_split"]
 
-#: Share of the total budget the square factor gets by default (see :func:`dsf_budget_split`).
-AUTO_SQUARE_SHARE = 1 / 3
+#: Shares of the total budget the square factor gets by default (see :func:`dsf_budget_split`):
+#: when it is the factor that the layer-wise finalization re-fits (next to the output), and
+#: otherwise.
+AUTO_SHARE_REFIT, AUTO_SHARE_OTHER = 1 / 3, 0.2
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,8 @@ class DoubleSparse:
         return layer_error(W, self.dense(), H)
 
 
-def dsf_budget_split(shape: tuple[int, int], density: float,
-                     split: str | float = "auto") -> tuple[int, int]:
+def dsf_budget_split(shape: tuple[int, int], density: float, split: str | float = "auto",
+                     layerwise: bool = False) -> tuple[int, int]:
     """Nonzeros for the square factor and for the other one.
 
     The total is ``floor(density · d_in · d_out)``; the square factor is ``k × k`` with
@@ -104,11 +106,17 @@ def dsf_budget_split(shape: tuple[int, int], density: float,
     density
         Total kept fraction in (0, 1].
     split
-        ``"auto"``: the square factor gets a third of the total budget (the DSF paper's "1/3 and
-        2/3", section 4.2, and its Fig. 6), which holds across densities and shapes; see the
-        measurements in ``docs/guide.md``. ``"paper"``: the reference code's fixed rule, 16% of
-        the square factor's own size for a square weight and 25% for a rectangular one,
-        whatever the density. A float in (0, 1): that share of the total budget.
+        ``"auto"``: a fixed share of the total budget, whatever the density: a third (the DSF
+        paper's "1/3 and 2/3", section 4.2 and Fig. 6) when the square factor is the one the
+        layer-wise finalization re-fits, i.e. ``B`` next to the output of a tall layer
+        (``layerwise`` and ``d_in > d_out``); a fifth otherwise (square and wide layers, and the
+        projection problem). Measured on real all-MiniLM-L6-v2 layers at densities 0.5, 0.3 and
+        0.25 (``docs/guide.md``), this rule was the better of the two shares in every case.
+        ``"paper"``: the reference code's fixed rule, 16% of the square factor's own size for a
+        square weight and 25% for a rectangular one, whatever the density; at low density it
+        starves the other factor. A float in (0, 1): that share of the total budget.
+    layerwise
+        Whether the split is for the layer-wise problem (``H`` given), which ``"auto"`` uses.
 
     Returns
     -------
@@ -122,7 +130,8 @@ def dsf_budget_split(shape: tuple[int, int], density: float,
         raise ValueError(f"density must be in (0, 1], got {density!r}")
     total = keep_count(float(density), d_in * d_out)
     if split == "auto":
-        square = math.floor(AUTO_SQUARE_SHARE * total)
+        share = AUTO_SHARE_REFIT if layerwise and d_in > d_out else AUTO_SHARE_OTHER
+        square = math.floor(share * total)
     elif split == "paper":
         square = math.floor((0.16 if d_in == d_out else 0.25) * k * k)
     elif isinstance(split, numbers.Real) and not isinstance(split, bool) and 0.0 < float(split) < 1.0:
@@ -213,7 +222,8 @@ def double_sparse(W: Any, density: float, H: Any | None = None, *, split: str | 
             raise ValueError(f"square_mask keeps {nnz_square} entries of a budget of {total}: "
                              "both factors need nonzeros")
     else:
-        nnz_square, nnz_other = dsf_budget_split((d_in, d_out), _check_density(density), split)
+        nnz_square, nnz_other = dsf_budget_split((d_in, d_out), _check_density(density), split,
+                                                 layerwise=H is not None)
 
     # Layer-wise: project the input-norm-scaled weight (section 4.3; Wanda's scaling).
     if H is None:

@@ -24,7 +24,7 @@ def test_budget_and_masks_are_exact(backend, dtype_name, problem, density, layer
     d_in, d_out = problem.W.shape
     k = min(d_in, d_out)
     try:
-        nnz_square, nnz_other = dsf_budget_split((d_in, d_out), density, split)
+        nnz_square, nnz_other = dsf_budget_split((d_in, d_out), density, split, layerwise)
     except ValueError:
         assume(False)  # a split that leaves a factor empty is an error: test_split_rules
     W = backend.asarray(problem.W, dtype_name)
@@ -73,7 +73,10 @@ def test_scale_of_H_does_not_change_the_answer():
 
 
 def test_split_rules():
-    assert dsf_budget_split((96, 96), 0.5, "auto") == (1536, 4608 - 1536)
+    assert dsf_budget_split((96, 96), 0.5, "auto") == (921, 4608 - 921)
+    assert dsf_budget_split((96, 192), 0.5, "auto", layerwise=True) == (1843, 9216 - 1843)
+    assert dsf_budget_split((192, 96), 0.5, "auto", layerwise=True) == (3072, 9216 - 3072)
+    assert dsf_budget_split((192, 96), 0.5, "auto") == (1843, 9216 - 1843)
     assert dsf_budget_split((96, 96), 0.5, "paper") == (int(0.16 * 96 * 96), 4608 - int(0.16 * 96 * 96))
     assert dsf_budget_split((64, 128), 0.5, "paper")[0] == int(0.25 * 64 * 64)
     assert dsf_budget_split((64, 128), 0.5, 0.1) == (409, 4096 - 409)
