@@ -1,0 +1,420 @@
+"""Low-rank approximation: truncated, randomized and exact Hessian-weighted.
+
+A rank-``r`` approximation of a ``(d_in, d_out)`` weight is stored as :class:`LowRank`,
+``Ŵ = U Vᵀ`` with ``U`` ``(d_in, r)`` and ``V`` ``(d_out, r)``: ``r (d_in + d_out)`` numbers
+instead of ``d_in d_out``, and ``X @ Ŵ = (X @ U) @ Vᵀ`` costs two thin products.
+
+Three solvers, one for each variant of subproblem (P2) of the HASSLE-free paper (section 4.2),
+``min tr((W − M)ᵀ H (W − M))`` over ``rank(M) <= r``:
+
+- :func:`truncated_svd`: ``H = I`` (section 4.2.1, data-free): ``M = C_r(W)``, the best rank-r
+  approximation in Frobenius norm (Eckart–Young), by a full SVD;
+- :func:`randomized_svd`: the same approximation by the randomized range finder of Halko,
+  Martinsson and Tropp (2011) with power iterations: a few GEMMs with ``W`` instead of an SVD;
+- :func:`weighted_lowrank`: the full Hessian (section 4.2.3). Where the paper reparametrises
+  ``M = U Vᵀ`` and runs gradient descent (:mod:`matfactor.lowrank_gd`), this problem has a
+  closed-form global minimiser by whitening: with ``H = Sᵀ S``, the objective is
+  ``‖S W − S M‖²_F`` and the minimiser follows from the truncated SVD of ``S W``. It extends
+  Theorem 4.1 (diagonal ``H``) to any positive semi-definite ``H``, singular ones included.
+
+Sign convention (every solver, every backend): singular vectors are defined up to sign, so each
+column of ``V`` is flipped to make its largest entry in absolute value positive (of two entries
+of equal magnitude and opposite sign, the positive one wins), and the same column of ``U`` with
+it. ``U Vᵀ`` does not change.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+from ._array import (
+    add_to_diagonal,
+    as_compute_matrix,
+    check_gram,
+    common_compute_dtype,
+    random_normal,
+    resolve_namespace,
+)
+from .error import layer_error
+
+__all__ = [
+    "LowRank",
+    "lowrank_rank_for_density",
+    "randomized_svd",
+    "truncated_svd",
+    "weighted_lowrank",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class LowRank:
+    """A rank-``r`` approximation ``Ŵ = U Vᵀ`` of a ``(d_in, d_out)`` weight.
+
+    Attributes
+    ----------
+    U
+        ``(d_in, r)`` left factor. For the SVD-based solvers it carries the singular values
+        (``U = U_svd · diag(σ)``) and ``V`` has orthonormal columns.
+    V
+        ``(d_out, r)`` right factor.
+    history
+        For iterative solvers (:func:`matfactor.lowrank_gd.lowrank_gd`), the objective at each
+        evaluated iterate as a tuple of floats; ``None`` otherwise.
+    """
+
+    U: Any
+    V: Any
+    history: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.U.ndim != 2 or self.V.ndim != 2 or self.U.shape[1] != self.V.shape[1]:
+            raise ValueError(f"LowRank needs U (d_in, r) and V (d_out, r), got shapes "
+                             f"{tuple(self.U.shape)} and {tuple(self.V.shape)}")
+
+    @property
+    def rank(self) -> int:
+        """The number of columns ``r`` of the factors."""
+        return int(self.U.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(d_in, d_out)`` of the approximated weight."""
+        return int(self.U.shape[0]), int(self.V.shape[0])
+
+    @property
+    def n_params(self) -> int:
+        """Stored numbers: ``r (d_in + d_out)``."""
+        d_in, d_out = self.shape
+        return self.rank * (d_in + d_out)
+
+    def dense(self) -> Any:
+        """``Ŵ = U Vᵀ`` as a ``(d_in, d_out)`` array."""
+        return self.U @ self.V.T
+
+    def matmul(self, X: Any) -> Any:
+        """``X @ Ŵ`` computed as ``(X @ U) @ Vᵀ``, never forming ``Ŵ``.
+
+        ``X`` has shape ``(..., d_in)``; it is computed in the factors' dtype.
+        """
+        xp, _ = resolve_namespace(X=X, U=self.U)
+        if X.ndim < 1 or X.shape[-1] != self.U.shape[0]:
+            raise ValueError(f"X must have shape (..., {self.U.shape[0]}) to multiply a "
+                             f"{self.shape} weight, got {tuple(X.shape)}")
+        if X.dtype != self.U.dtype:
+            X = xp.astype(X, self.U.dtype)
+        return (X @ self.U) @ self.V.T
+
+    def rel_error(self, W: Any, H: Any | None = None) -> float:
+        """Relative layer error ``tr(Dᵀ H D) / tr(Wᵀ H W)`` of ``Ŵ`` against ``W``
+        (:func:`matfactor.error.layer_error`); Frobenius for ``H = None``."""
+        return layer_error(W, self.dense(), H)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_rank(rank: Any, shape: tuple[int, int]) -> int:
+    """``rank`` as an int in ``[1, min(d_in, d_out)]``, else a ``ValueError`` naming it."""
+    limit = min(shape)
+    if isinstance(rank, bool):
+        raise ValueError(f"rank must be an integer in [1, {limit}], got {rank!r}")
+    try:
+        value = operator.index(rank)
+    except TypeError:
+        raise ValueError(f"rank must be an integer in [1, {limit}], got {rank!r}") from None
+    if not 1 <= value <= limit:
+        raise ValueError(f"rank must be an integer in [1, min(d_in, d_out)] = [1, {limit}] for a "
+                         f"{tuple(shape)} weight, got {value}")
+    return value
+
+
+def check_count(name: str, value: Any, minimum: int) -> int:
+    """A Python/NumPy integer ``>= minimum``, else a ``ValueError`` naming ``name``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_damping(damping: Any) -> float:
+    """A finite ``damping >= 0``, else a ``ValueError`` naming it."""
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) \
+            or not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    return float(damping)
+
+
+def _prepare_W(W: Any, H: Any | None = None) -> tuple[Any, Any, Any, Any]:
+    """Validate ``W`` (and ``H``) and return ``(xp, device, W, H)`` in the compute dtype."""
+    xp, device = resolve_namespace(W=W, H=H)
+    dtype = common_compute_dtype(xp, W=W, H=H)
+    W = as_compute_matrix(xp, W, "W", dtype)
+    if H is not None:
+        H = as_compute_matrix(xp, H, "H", dtype)
+        check_gram(xp, H, W.shape[0])
+    return xp, device, W, H
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def fix_signs(xp: Any, U: Any, V: Any) -> tuple[Any, Any]:
+    """Flip column pairs so that the largest-magnitude entry of each column of ``V`` is positive.
+
+    Decided from the column's max and min, so it needs no index arithmetic and is the same rule
+    on every backend; an exact tie ``max = −min`` counts as positive.
+    """
+    largest = xp.max(V, axis=0)
+    smallest = xp.min(V, axis=0)
+    ones = xp.ones_like(largest)
+    sign = xp.where(largest >= -smallest, ones, -ones)
+    return U * sign, V * sign
+
+
+def diagonal_scaling(xp: Any, H: Any, damping: float) -> tuple[Any, Any, Any]:
+    """The Gram matrix with unit diagonal of the paper's eq. (7), relative damping included.
+
+    With ``h̄`` the mean diagonal over live inputs, ``λ = damping · h̄`` is added to the live
+    diagonal (dead inputs are no part of the problem: their rows of the result are zero), and
+    ``D = √diag(H + λI)``. Returns ``(H_n, scale, dead)`` with ``H_n = D⁻¹ (H + λI) D⁻¹``,
+    ``scale = D / √h̄`` (1 for dead inputs, whose rows and columns of ``H_n`` stay zero) and
+    the boolean vector of dead inputs. ``H_n`` does not depend on the scale of ``H``.
+
+    Raises
+    ------
+    ValueError
+        If every input is dead (all-zero diagonal).
+    """
+    diagonal = xp.linalg.diagonal(H)
+    dead = diagonal <= 0
+    live_count = int(xp.sum(xp.astype(~dead, xp.int64)))
+    if live_count == 0:
+        raise ValueError("H has an all-zero diagonal: every input is dead, there is nothing "
+                         "to reconstruct")
+    zeros = xp.zeros_like(diagonal)
+    live_mean = xp.sum(xp.where(dead, zeros, diagonal)) / live_count
+    damped = xp.where(dead, zeros, diagonal + damping * live_mean)
+    root = xp.sqrt(xp.where(dead, xp.ones_like(diagonal), damped))
+    H_n = H / root[:, None] / root[None, :]
+    if damping > 0:
+        # (H + λI)_ii / D_ii² = 1 on live inputs: the damping adds λ / D_ii² there.
+        H_n = add_to_diagonal(xp, H_n, xp.where(dead, zeros, damping * live_mean / (root * root)))
+    return H_n, root / xp.sqrt(live_mean), dead
+
+
+# --------------------------------------------------------------------------- solvers
+
+
+def truncated_svd(W: Any, rank: int) -> LowRank:
+    """Best rank-``r`` approximation ``C_r(W)`` in Frobenius norm, by a full SVD.
+
+    The Eckart–Young minimiser of ``‖W − M‖_F`` over ``rank(M) <= r`` (HASSLE-free paper,
+    section 3 notation, and section 4.2.1: the data-free solution of (P2)); its squared error
+    is the sum of the discarded ``σ_i²``.
+
+    Parameters
+    ----------
+    W
+        ``(d_in, d_out)`` weight.
+    rank
+        ``r`` in ``[1, min(d_in, d_out)]``.
+
+    Returns
+    -------
+    LowRank
+        ``U = U_r · diag(σ_1..σ_r)`` (singular values folded into ``U``), ``V = V_r`` with
+        orthonormal columns, signs fixed by the module's rule; in the compute dtype on the
+        input's device.
+
+    Notes
+    -----
+    Costs a full SVD of ``W`` (``O(d_in d_out min(d_in, d_out))``) whatever the rank;
+    :func:`randomized_svd` is much cheaper for ``r << min(d_in, d_out)``.
+    """
+    xp, _, W, _ = _prepare_W(W)
+    rank = check_rank(rank, tuple(W.shape))
+    U, s, Vh = xp.linalg.svd(W, full_matrices=False)
+    U, V = fix_signs(xp, U[:, :rank] * s[None, :rank], Vh[:rank, :].T)
+    return LowRank(U, V)
+
+
+def default_power_iters(rank: int, shape: tuple[int, int]) -> int:
+    """Power iterations used by :func:`randomized_svd` when ``power_iters=None``.
+
+    Scikit-learn's rule (``randomized_svd(n_iter="auto")``): 7 when ``rank < 0.1 min(d_in,
+    d_out)``, else 4. A small sketch of a matrix with a slowly decaying spectrum captures the
+    leading subspace poorly, and each power iteration sharpens the spectrum (``σ_i`` becomes
+    ``σ_i^(2q+1)``), so the smaller the rank relative to the matrix, the more iterations pay.
+    """
+    return 7 if rank < 0.1 * min(shape) else 4
+
+
+def randomized_svd(W: Any, rank: int, *, oversampling: int = 10, power_iters: int | None = None,
+                   rng: Any = None) -> LowRank:
+    """Approximate truncated SVD by the randomized range finder (Halko, Martinsson, Tropp 2011).
+
+    Algorithm 4.4 of Halko et al. (randomized subspace iteration) with ``l = r + oversampling``
+    Gaussian test vectors, then the SVD of the small projected matrix (their algorithm 5.1).
+    The HASSLE-free paper (section 4.2.1) points to it as the fast substitute for the full SVD
+    of the data-free (P2) step.
+
+    The computation runs on the tall orientation of ``W`` (``A = W`` if ``d_in >= d_out``,
+    else ``Wᵀ``):
+
+    1. ``Ω`` ``(n, l)`` standard normal, drawn on the device; ``Q = qr(A Ω)``;
+    2. ``power_iters`` times: ``Q = qr(A qr(Aᵀ Q))`` (re-orthonormalised after every product,
+       so the columns do not all collapse onto the leading singular vector in floating point);
+    3. ``B = Qᵀ A`` ``(l, n)``, ``B = Ũ Σ Ṽᵀ``, ``A ≈ (Q Ũ) Σ Ṽᵀ`` truncated to ``r``.
+
+    Parameters
+    ----------
+    W
+        ``(d_in, d_out)`` weight.
+    rank
+        ``r`` in ``[1, min(d_in, d_out)]``.
+    oversampling
+        Extra sketch columns (Halko et al. recommend 5 to 10); the sketch width is capped at
+        ``min(d_in, d_out)``, where the result is exact.
+    power_iters
+        Subspace iterations ``q``; ``None`` picks :func:`default_power_iters`.
+    rng
+        ``None``, an int seed or the backend's generator (:func:`matfactor._array.random_normal`):
+        the same seed gives the same result on the same backend.
+
+    Returns
+    -------
+    LowRank
+        As :func:`truncated_svd`: ``U`` carries the singular values, ``V`` orthonormal, same
+        sign rule. Exact (to rounding) when ``rank(W) <= rank``.
+    """
+    xp, device, W, _ = _prepare_W(W)
+    rank = check_rank(rank, tuple(W.shape))
+    oversampling = check_count("oversampling", oversampling, 0)
+    if power_iters is None:
+        power_iters = default_power_iters(rank, tuple(W.shape))
+    power_iters = check_count("power_iters", power_iters, 0)
+
+    transpose = W.shape[0] < W.shape[1]
+    A = W.T if transpose else W
+    sketch_width = min(rank + oversampling, min(W.shape))
+    omega = random_normal(xp, (A.shape[1], sketch_width), dtype=A.dtype, device=device, rng=rng)
+    Q, _ = xp.linalg.qr(A @ omega)
+    for _ in range(power_iters):
+        Z, _ = xp.linalg.qr(A.T @ Q)
+        Q, _ = xp.linalg.qr(A @ Z)
+    U_small, s, Vh = xp.linalg.svd(Q.T @ A, full_matrices=False)
+    left, sigma, right = Q @ U_small[:, :rank], s[None, :rank], Vh[:rank, :].T  # A ≈ left Σ rightᵀ
+    if transpose:  # W = Aᵀ ≈ right Σ leftᵀ
+        left, right = right, left
+    U, V = fix_signs(xp, left * sigma, right)
+    return LowRank(U, V)
+
+
+def weighted_lowrank(W: Any, H: Any, rank: int, *, damping: float = 0.0) -> LowRank:
+    """Exact minimiser of ``tr((W − M)ᵀ H (W − M))`` over ``rank(M) <= r``, by whitening.
+
+    Subproblem (P2) of the HASSLE-free paper, eq. (5), with the full Hessian (section 4.2.3),
+    solved in closed form instead of by gradient descent. With the diagonal scaling of eq. (7),
+    ``D = √diag(H)``, ``H_n = D⁻¹ H D⁻¹ = Q diag(e) Qᵀ`` and ``S = diag(√e) Qᵀ`` (so that
+    ``SᵀS = H_n``), the objective is ``‖S D W − S D M‖²_F``. If ``S D W = A Σ Bᵀ`` (SVD), then
+    ``C_r(S D W) = S D W B_r B_rᵀ``, so ``M = W B_r B_rᵀ`` attains the Eckart–Young bound
+    ``Σ_{i>r} σ_i²`` and is a global minimiser. No inverse of ``H`` is ever applied (only
+    ``√e`` and a projector), so a singular or ill-conditioned ``H`` amplifies no rounding.
+    For a diagonal ``H`` this is Theorem 4.1; for ``H = c·I``, :func:`truncated_svd`.
+
+    The minimiser is unique only up to matrices whose columns lie in the null space of ``H``
+    (inputs that the calibration data never excites). The one returned is
+    ``M = D⁻¹ P D W B_r B_rᵀ`` with ``P`` the orthogonal projector onto the range of ``H_n``:
+    its component in that null space, measured in the scaled coordinates ``D M``, is zero (the
+    minimum of ``‖D M‖_F``). In particular the rows of dead inputs (``H_ii = 0``) are exactly
+    zero, and with a full-rank ``H`` on the live inputs the live rows are ``W B_r B_rᵀ``, a
+    projection of ``W``. Eigenvalues of ``H_n`` below ``√d_in · eps · max(e)`` (the rounding
+    level of the eigendecomposition) count as zero.
+
+    Parameters
+    ----------
+    W
+        ``(d_in, d_out)`` weight.
+    H
+        ``(d_in, d_in)`` Gram matrix ``XᵀX``, positive semi-definite; any positive multiple
+        gives the same result.
+    rank
+        ``r`` in ``[1, min(d_in, d_out)]``.
+    damping
+        Relative damping: minimise with ``H + λ I`` on the live inputs, ``λ = damping ·
+        mean(diag H)`` (the paper's ``H = XᵀX + λI``). The default 0 minimises the undamped
+        objective exactly, which needs no damping.
+
+    Returns
+    -------
+    LowRank
+        ``V = B_r`` with orthonormal columns (signs by the module's rule), ``U = D⁻¹ P D W
+        B_r``; compute dtype, input's device.
+
+    Notes
+    -----
+    Cost: one eigendecomposition of ``H`` (``d_in³``), the SVD of the ``(d_in, d_out)``
+    whitened weight and three GEMMs; the same order as :func:`truncated_svd` plus the ``eigh``.
+    """
+    xp, _, W, H = _prepare_W(W, H)
+    rank = check_rank(rank, tuple(W.shape))
+    damping = check_damping(damping)
+    H_n, scale, dead = diagonal_scaling(xp, H, damping)
+    # Work on D W / √h̄: the scaled problem of eq. (7), independent of the scale of H.
+    W_n = xp.where(dead[:, None], xp.zeros_like(W), W * scale[:, None])
+    eigenvalues, Q = xp.linalg.eigh(H_n)
+    threshold = math.sqrt(W.shape[0]) * float(xp.finfo(W.dtype).eps) * xp.max(eigenvalues)
+    in_range = eigenvalues > threshold
+    root = xp.sqrt(xp.where(in_range, eigenvalues, xp.zeros_like(eigenvalues)))
+    QtW = Q.T @ W_n
+    _, _, Vh = xp.linalg.svd(QtW * root[:, None], full_matrices=False)
+    V = Vh[:rank, :].T
+    # U = D⁻¹ P D W V with P = Q diag(in_range) Qᵀ: a projector, never a division by √e.
+    projected = Q @ xp.where(in_range[:, None], QtW @ V, xp.zeros_like(QtW[:, :rank]))
+    U = xp.where(dead[:, None], xp.zeros_like(projected), projected / scale[:, None])
+    U, V = fix_signs(xp, U, V)
+    return LowRank(U, V)
+
+
+def lowrank_rank_for_density(shape: tuple[int, int], density: float) -> int:
+    """Largest rank ``r`` whose factors fit the budget: ``r (d_in + d_out) <= density d_in d_out``.
+
+    Parameters
+    ----------
+    shape
+        ``(d_in, d_out)``.
+    density
+        Kept fraction of the dense parameter count, in ``(0, 1]``.
+
+    Returns
+    -------
+    int
+        ``r >= 0``; 0 means not even a rank-1 factorization fits. Never above
+        ``min(d_in, d_out)`` (at density 1 the largest fit is below it).
+    """
+    try:
+        d_in, d_out = (operator.index(n) for n in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be a pair of positive integers (d_in, d_out), "
+                         f"got {shape!r}") from None
+    if d_in < 1 or d_out < 1:
+        raise ValueError(f"shape must be a pair of positive integers (d_in, d_out), got {shape!r}")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) \
+            or not 0 < density <= 1:
+        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+    budget = density * d_in * d_out
+    rank = int(budget // (d_in + d_out))
+    # Floor division of floats can land one off either way: settle it with exact comparisons.
+    while rank > 0 and rank * (d_in + d_out) > budget:
+        rank -= 1
+    while (rank + 1) * (d_in + d_out) <= budget:
+        rank += 1
+    return min(rank, d_in, d_out)
