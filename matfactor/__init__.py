@@ -7,9 +7,13 @@ the Python array API standard. Conventions: a weight is a ``(d_in, d_out)`` matr
 """
 
 from .admm import AdmmState, admm_prune, admm_solve
+from .dsf import DoubleSparse, double_sparse, dsf_budget_split
 from .error import layer_error
 from .exceptions import ConvergenceWarning
+from .lowrank_gd import hassle_free_learning_rate, lowrank_gd
+from .pifa import Pivoted, pifa, pifa_from_factors, pifa_rank_for_density
 from .pruning import Pruner, magnitude_prune, sparsegpt_prune, wanda_prune
+from .reconstruct import ReconstructionStatistics, mpifa, mpifa_lowrank, update_U, update_V
 from .sparsity import (
     SparsityPattern,
     mask_from_scores,
@@ -17,22 +21,44 @@ from .sparsity import (
     nnz_budget,
     parse_pattern,
 )
+from .svd import LowRank, lowrank_rank_for_density, randomized_svd, truncated_svd, weighted_lowrank
+from .sylvester import SylvesterSolver
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdmmState",
     "ConvergenceWarning",
+    "DoubleSparse",
+    "LowRank",
+    "Pivoted",
     "Pruner",
+    "ReconstructionStatistics",
     "SparsityPattern",
+    "SylvesterSolver",
     "admm_prune",
     "admm_solve",
+    "double_sparse",
+    "dsf_budget_split",
+    "hassle_free_learning_rate",
     "layer_error",
+    "lowrank_gd",
+    "lowrank_rank_for_density",
     "magnitude_prune",
     "mask_from_scores",
     "mask_satisfies",
+    "mpifa",
+    "mpifa_lowrank",
     "nnz_budget",
     "parse_pattern",
+    "pifa",
+    "pifa_from_factors",
+    "pifa_rank_for_density",
+    "randomized_svd",
     "sparsegpt_prune",
+    "truncated_svd",
+    "update_U",
+    "update_V",
     "wanda_prune",
+    "weighted_lowrank",
 ]

@@ -1,0 +1,550 @@
+"""MPIFA: online error-accumulation-minimisation reconstruction, then PIFA.
+
+Zhao et al., "Pivoting Factorization" (PIFA paper), section 4, appendix A and Algorithm 3
+(appendix B.1).
+
+Orientation. The paper writes ``Y = W X`` with ``W`` ``(d_out, d_in)``, samples as columns of
+``X``, the Gram ``X Xᵀ`` and ``W ≈ U Vᵀ`` with its ``U`` on the output side. matfactor writes
+``Y = X @ W`` with ``W`` ``(d_in, d_out)``, samples as rows, ``H = XᵀX`` and ``W ≈ U Vᵀ`` with
+``U`` ``(d_in, r)`` on the input side and ``V`` ``(d_out, r)`` on the output side. Every
+equation below is the paper's transposed: the paper's ``U`` is our ``V``, its ``Vᵀ`` our
+``Uᵀ``, its ``Y Xᵀ`` our ``G = Xᵀ Y``.
+
+The problem. Each layer sees two input streams over the calibration data: ``X_o`` from the
+dense model and ``X_u`` from the already-compressed model. With the mix ratio ``λ`` (eq. 7),
+the target is ``Y_t = λ X_o W + (1 − λ) X_u W``, the dense layer applied to the mixed input
+``X_u + λ Δ`` where ``Δ = X_o − X_u`` is the error accumulated by the compressed layers
+upstream. The reconstruction minimises (eq. 6 with eq. 7, regularised as in eq. 9)::
+
+    f(U, V) = ‖Y_t − X_u U Vᵀ‖²_F + a ‖W − U Vᵀ‖²_F.
+
+Everything it needs is a pair of ``(d_in, d_in)`` statistics, accumulated batch by batch in
+constant memory (eq. 5's "online" form, Algorithm 3 steps 3–4)::
+
+    H = X_uᵀ X_u,   K = X_uᵀ Δ,   G = X_uᵀ Y_t = (H + λ K) W.
+
+We accumulate ``K`` rather than the paper's ``Y_t Xᵀ`` (our ``G``): it does not depend on ``W``
+or ``λ``, so one accumulator serves every layer that reads the same input (q/k/v, gate/up
+projections) and any mix ratio, and it keeps the small error term ``Δ`` apart from the large
+``X_u`` term instead of mixing them in one sum.
+
+The closed-form block updates, each the exact minimiser of ``f`` over one factor:
+
+- eq. (5), the paper's ``U_r = Y_t Xᵀ V (Vᵀ X Xᵀ V)⁻¹``, is our output factor
+  ``V = (G + aW)ᵀ U (Uᵀ (H + aI) U)⁻¹`` (:func:`update_V`);
+- eqs. (8)–(9), the paper's ``V_rᵀ = (UᵀU)⁻¹ Uᵀ (Y_t Xᵀ + αW)(X Xᵀ + αI)⁻¹``, is our input factor
+  ``U = (H + aI)⁻¹ (G + aW) V (VᵀV)⁻¹`` (:func:`update_U`).
+
+Two choices differ from the paper, both documented where they act:
+
+- the regulariser ``a = alpha · mean(diag H)`` is relative to the scale of the statistics (the
+  paper's ``α = 0.001`` is absolute, which makes its effect depend on the number of calibration
+  tokens);
+- the regulariser is applied to both updates, not only to eq. (8): both are then exact block
+  minimisers of the same ``f``, so alternating them never increases it, and eq. (5) stays
+  solvable when ``Uᵀ H U`` is singular (fewer calibration tokens than ``r``). With
+  ``alpha = 0`` they are exactly the paper's eqs. (5) and (8).
+
+Initialisation (Algorithm 3 step 2) is SVD-LLM's truncation-aware whitening, i.e. the exact
+minimiser of ``tr((W − M)ᵀ H (W − M))`` over rank-``r`` ``M``
+(:func:`matfactor.svd.weighted_lowrank`). Note that ``f`` itself has a closed-form global
+minimiser over rank-``r`` products: completing the square, ``f(M) = tr((M − T)ᵀ (H + aI)(M − T))
++ const`` with ``(H + aI) T = G + aW``, so the whitened SVD of ``T`` under ``H + aI`` solves it
+exactly (``init="target"``, about the cost of one sweep). The paper's single alternating sweep
+from the weight's whitened SVD (``init="weight"``, the default) approximates that minimiser
+while staying closer to ``W``'s own factorization, which may generalise better beyond the
+calibration data (the paper reports that fitting ``V`` overfits small calibration sets,
+section 5.3); which is better on held-out data is an open question here.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import array_api_compat
+
+from ._array import (
+    _on_host,
+    add_to_diagonal,
+    as_compute_matrix,
+    check_finite,
+    check_gram,
+    cholesky,
+    common_compute_dtype,
+    compute_dtype,
+    resolve_namespace,
+    solve_triangular,
+)
+from .pifa import Pivoted, pifa_from_factors
+from .svd import LowRank, weighted_lowrank
+
+__all__ = ["ReconstructionStatistics", "mpifa", "mpifa_lowrank", "update_U", "update_V"]
+
+_INITS = ("weight", "target")
+
+
+class ReconstructionStatistics:
+    """Streaming second moments of a layer's two input streams (PIFA paper, section 4).
+
+    Feed it, batch by batch, the inputs the layer receives in the dense model (``X_dense``,
+    the paper's ``X_o``) and in the compressed model (``X_compressed``, ``X_u``). It keeps, in
+    memory independent of the number of samples and on the batches' device::
+
+        H           = X_uᵀ X_u          (d_in, d_in)  Algorithm 3 step 3 (the paper's X Xᵀ)
+        error_cross = X_uᵀ (X_o − X_u)  (d_in, d_in)  with H, gives step 4 for any W and λ
+        error_gram  = (X_o − X_u)ᵀ (X_o − X_u)        only if ``track_error_gram``: needed
+                                                      only to report the objective's value
+
+    Parameters
+    ----------
+    dtype
+        ``"float32"`` or ``"float64"``: the accumulation dtype. Default: float64 if the first
+        batch is float64, float32 otherwise (half-precision batches are accumulated in
+        float32). Later batches are cast to it.
+    track_error_gram
+        Also accumulate ``error_gram`` (one more ``(d_in, d_in)`` matrix and one more product
+        per batch), which :meth:`objective` needs whenever the two streams differ.
+
+    Notes
+    -----
+    The accumulators live on the first batch's device; a batch from another library or device
+    is an error naming it. On host backends each batch is checked for NaN/Inf; on a GPU that
+    check would synchronise every batch, so a non-finite batch is reported instead when the
+    statistics are used (:func:`mpifa` checks ``H``).
+    """
+
+    def __init__(self, *, dtype: str | None = None, track_error_gram: bool = False) -> None:
+        if dtype not in (None, "float32", "float64"):
+            raise ValueError(f"dtype must be None, 'float32' or 'float64', got {dtype!r}")
+        self._dtype_name = dtype
+        self.track_error_gram = bool(track_error_gram)
+        self.n_samples = 0
+        self._H: Any = None
+        self._error_cross: Any = None
+        self._error_gram: Any = None
+
+    @property
+    def d_in(self) -> int | None:
+        """Input dimension, fixed by the first batch (``None`` before it)."""
+        return None if self._H is None else int(self._H.shape[0])
+
+    @property
+    def H(self) -> Any:
+        """``X_uᵀ X_u``, the Gram matrix of the compressed stream."""
+        return self._require("H", self._H)
+
+    @property
+    def error_cross(self) -> Any:
+        """``X_uᵀ (X_o − X_u)``, zero while both streams are equal."""
+        return self._require("error_cross", self._error_cross)
+
+    @property
+    def error_gram(self) -> Any:
+        """``(X_o − X_u)ᵀ (X_o − X_u)``, or ``None`` if not tracked."""
+        self._require("error_gram", self._H)
+        return self._error_gram
+
+    def _require(self, name: str, value: Any) -> Any:
+        if value is None:
+            raise ValueError(f"statistics.{name} is not available: no batch has been added "
+                             "(call update(X_dense, X_compressed) first)")
+        return value
+
+    def update(self, X_dense: Any, X_compressed: Any | None = None) -> ReconstructionStatistics:
+        """Add a batch of the layer's inputs in both streams.
+
+        Parameters
+        ----------
+        X_dense
+            ``(..., d_in)`` inputs in the dense model's stream (the paper's ``X_o``); leading
+            dimensions (batch, sequence) are flattened into samples.
+        X_compressed
+            The same samples in the compressed model's stream (``X_u``), same shape. ``None``
+            means the streams agree (e.g. the first compressed layer): then only ``H`` grows.
+
+        Returns
+        -------
+        ReconstructionStatistics
+            ``self``, for chaining.
+        """
+        xp, _ = resolve_namespace(statistics=self._H, X_dense=X_dense, X_compressed=X_compressed)
+        if self._H is not None:
+            dtype = self._H.dtype
+        elif self._dtype_name is not None:
+            dtype = getattr(xp, self._dtype_name)
+        else:
+            dtype = common_compute_dtype(xp, X_dense=X_dense, X_compressed=X_compressed)
+        X_o = self._as_samples(xp, X_dense, "X_dense", dtype)
+        X_u = X_o if X_compressed is None else self._as_samples(xp, X_compressed, "X_compressed",
+                                                                dtype)
+        if X_u.shape != X_o.shape:
+            raise ValueError(f"X_compressed has {tuple(X_u.shape)} samples x inputs but X_dense has "
+                             f"{tuple(X_o.shape)}: pass the same samples in both streams")
+        if self._H is None:
+            self._H = xp.zeros((X_o.shape[1],) * 2, dtype=dtype, device=array_api_compat.device(X_o))
+            self._error_cross = xp.zeros_like(self._H)
+            if self.track_error_gram:
+                self._error_gram = xp.zeros_like(self._H)
+        self._H = self._H + X_u.T @ X_u
+        if X_compressed is not None:
+            error = X_o - X_u
+            self._error_cross = self._error_cross + X_u.T @ error
+            if self.track_error_gram:
+                self._error_gram = self._error_gram + error.T @ error
+        self.n_samples += int(X_o.shape[0])
+        return self
+
+    def _as_samples(self, xp: Any, X: Any, name: str, dtype: Any) -> Any:
+        if X.ndim < 2:
+            raise ValueError(f"{name} must have shape (n_samples, d_in) or (..., d_in), "
+                             f"got {tuple(X.shape)}")
+        compute_dtype(xp, X, name)
+        if self._H is not None and X.shape[-1] != self._H.shape[0]:
+            raise ValueError(f"{name} has d_in = {X.shape[-1]} (shape {tuple(X.shape)}) but "
+                             f"earlier batches had d_in = {self._H.shape[0]}")
+        X = xp.reshape(X, (-1, X.shape[-1])) if X.ndim != 2 else X
+        if X.dtype != dtype:
+            X = xp.astype(X, dtype)
+        if _on_host(xp, array_api_compat.device(X)):
+            check_finite(xp, X, name)
+        return X
+
+    def target(self, W: Any, mix: float = 0.25) -> Any:
+        """``G = X_uᵀ Y_t = (H + λ·error_cross) W``, Algorithm 3 step 4 (the paper's ``Y_t Xᵀ``).
+
+        ``λ = mix`` is the paper's mix ratio (eq. 7): 0 targets the compressed stream's own
+        output ``X_u W`` (plain SVD-LLM reconstruction), 1 the dense model's output ``X_o W``
+        (full error-accumulation correction, eq. 6).
+        """
+        mix = _check_mix(mix)
+        H = self.H
+        xp, _ = resolve_namespace(statistics=H, W=W)
+        dtype = common_compute_dtype(xp, statistics=H, W=W)
+        W = as_compute_matrix(xp, W, "W", dtype)
+        if W.shape[0] != H.shape[0]:
+            raise ValueError(f"W has shape {tuple(W.shape)} but the statistics have d_in = "
+                             f"{H.shape[0]}; W must be (d_in, d_out)")
+        HW = _cast(H, dtype) @ W
+        return HW if mix == 0.0 else HW + mix * (_cast(self.error_cross, dtype) @ W)
+
+    def objective(self, W: Any, W_hat: Any, mix: float = 0.25, alpha: float = 0.0) -> float:
+        """The relative reconstruction objective of ``W_hat`` (eqs. 6–7, with eq. 9's term).
+
+        ``(‖Y_t − X_u Ŵ‖²_F + a ‖W − Ŵ‖²_F) / ‖Y_t‖²_F`` with ``a = alpha · mean(diag H)``,
+        computed from the statistics with ``D = Ŵ − W``, ``Δ = X_o − X_u`` as
+        ``tr(DᵀHD) − 2λ tr(Dᵀ·error_cross·W) + λ² tr(Wᵀ·error_gram·W) + a‖D‖²``: the small
+        error terms are never differences of large sums.
+
+        Raises
+        ------
+        ValueError
+            If the streams differed (some batch had ``X_compressed``), ``mix > 0`` and
+            ``error_gram`` was not tracked.
+        """
+        mix = _check_mix(mix)
+        alpha = _check_alpha(alpha)
+        H = self.H
+        xp, _ = resolve_namespace(statistics=H, W=W, W_hat=W_hat)
+        dtype = common_compute_dtype(xp, statistics=H, W=W, W_hat=W_hat)
+        W = as_compute_matrix(xp, W, "W", dtype)
+        W_hat = as_compute_matrix(xp, W_hat, "W_hat", dtype)
+        if W.shape[0] != H.shape[0] or W_hat.shape != W.shape:
+            raise ValueError(f"W {tuple(W.shape)} and W_hat {tuple(W_hat.shape)} must both be "
+                             f"(d_in, d_out) with d_in = {H.shape[0]}")
+        H = _cast(H, dtype)
+        D = W_hat - W
+        HW = H @ W
+        reference = xp.sum(W * HW)
+        value = xp.sum(D * (H @ D)) + _relative_alpha(xp, H, alpha) * xp.sum(D * D)
+        if mix > 0.0:
+            KW = _cast(self.error_cross, dtype) @ W
+            value = value - 2 * mix * xp.sum(D * KW)
+            reference = reference + 2 * mix * xp.sum(W * KW)
+            if self._error_gram is not None:
+                EW = _cast(self._error_gram, dtype) @ W
+                value = value + mix * mix * xp.sum(W * EW)
+                reference = reference + mix * mix * xp.sum(W * EW)
+            elif bool(xp.any(self.error_cross != 0)):
+                raise ValueError("statistics.objective needs error_gram when the two streams "
+                                 "differ: create the statistics with track_error_gram=True")
+        reference = float(reference)
+        if reference <= 0.0:
+            raise ValueError("the target Y_t is zero on the calibration data: the relative "
+                             "objective is undefined")
+        return float(value) / reference
+
+
+def _cast(A: Any, dtype: Any) -> Any:
+    if A.dtype == dtype:
+        return A
+    xp = array_api_compat.array_namespace(A)
+    return xp.astype(A, dtype)
+
+
+def _check_mix(mix: Any) -> float:
+    if isinstance(mix, bool) or not isinstance(mix, numbers.Real) or not 0.0 <= float(mix) <= 1.0:
+        raise ValueError(f"mix must be a number in [0, 1] (the paper's mix ratio λ), got {mix!r}")
+    return float(mix)
+
+
+def _check_alpha(alpha: Any) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) \
+            or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    return float(alpha)
+
+
+def _relative_alpha(xp: Any, H: Any, alpha: float) -> Any:
+    """``a = alpha · mean(diag H)`` as a 0-d array (no host read)."""
+    return alpha * xp.mean(xp.linalg.diagonal(H))
+
+
+class _Regularised:
+    """``H + aI`` (Cholesky-factored once) and ``G + aW``: the statistics of eq. (9)."""
+
+    def __init__(self, xp: Any, H: Any, G: Any, W: Any | None, alpha: float) -> None:
+        self.xp = xp
+        a = _relative_alpha(xp, H, alpha)
+        if alpha > 0:
+            if W is None:
+                raise ValueError("alpha > 0 regularises towards W (eq. 9): pass W")
+            self.H = add_to_diagonal(xp, H, xp.ones(H.shape[0], dtype=H.dtype,
+                                                    device=array_api_compat.device(H)) * a)
+            self.G = G + a * W
+        else:
+            self.H, self.G = H, G
+        self._L = None
+
+    def solve_H(self, B: Any) -> Any:
+        """``(H + aI)⁻¹ B`` by two triangular solves with the factor computed once."""
+        if self._L is None:
+            self._L = _factor(self.xp, self.H, "H + a·I (a = alpha·mean(diag H)) is singular: "
+                              "inputs that are dead or outnumber the calibration samples need "
+                              "alpha > 0")
+        return _cholesky_solve(self.xp, self._L, B)
+
+
+def _factor(xp: Any, A: Any, message: str) -> Any:
+    """Cholesky factor of a symmetric positive definite ``A``, else ``ValueError(message)``."""
+    try:
+        return cholesky(xp, A)
+    except ValueError as exc:
+        raise ValueError(message) from exc
+
+
+def _cholesky_solve(xp: Any, L: Any, B: Any) -> Any:
+    return solve_triangular(xp, L.T, solve_triangular(xp, L, B, lower=True), lower=False)
+
+
+def _update_V(xp: Any, U: Any, reg: _Regularised) -> Any:
+    # Vᵀ = (Uᵀ(H + aI)U)⁻¹ Uᵀ(G + aW): an (r, r) system, the transpose of eq. (5).
+    gram = U.T @ (reg.H @ U)
+    L = _factor(xp, (gram + gram.T) / 2, "Uᵀ(H + aI)U is singular: U has dependent columns in "
+                "the metric of H (with alpha = 0: fewer calibration samples than the rank?)")
+    return _cholesky_solve(xp, L, U.T @ reg.G).T
+
+
+def _update_U(xp: Any, V: Any, reg: _Regularised) -> Any:
+    # U = (H + aI)⁻¹ (G + aW) V (VᵀV)⁻¹, eqs. (8)–(9) transposed; never an explicit inverse.
+    left = reg.solve_H(reg.G @ V)
+    L = _factor(xp, V.T @ V, "VᵀV is singular: V has dependent columns")
+    return _cholesky_solve(xp, L, left.T).T
+
+
+def _prepare_update(factor: Any, H: Any, G: Any, W: Any | None, factor_name: str, side: int,
+                    ) -> tuple[Any, Any, Any, Any, Any]:
+    xp, _ = resolve_namespace(**{factor_name: factor}, H=H, G=G, W=W)
+    dtype = common_compute_dtype(xp, **{factor_name: factor}, H=H, G=G, W=W)
+    factor = as_compute_matrix(xp, factor, factor_name, dtype)
+    H = as_compute_matrix(xp, H, "H", dtype)
+    G = as_compute_matrix(xp, G, "G", dtype)
+    check_gram(xp, H, G.shape[0])
+    if W is not None:
+        W = as_compute_matrix(xp, W, "W", dtype)
+        if W.shape != G.shape:
+            raise ValueError(f"W has shape {tuple(W.shape)} but G has shape {tuple(G.shape)}")
+    expected = G.shape[side]
+    if factor.shape[0] != expected:
+        raise ValueError(f"{factor_name} has shape {tuple(factor.shape)} but G is "
+                         f"{tuple(G.shape)}: {factor_name} must have {expected} rows")
+    return xp, factor, H, G, W
+
+
+def update_V(U: Any, H: Any, G: Any, *, W: Any | None = None, alpha: float = 0.0) -> Any:
+    """The optimal output factor for a fixed input factor: eq. (5) of the PIFA paper.
+
+    Minimises ``tr(V Uᵀ H U Vᵀ) − 2 tr(Vᵀ Gᵀ U) + a‖W − U Vᵀ‖²_F`` (the objective
+    ``‖Y_t − X U Vᵀ‖²_F + a‖W − UVᵀ‖²_F`` up to a constant) over ``V``::
+
+        V = (G + aW)ᵀ U (Uᵀ (H + aI) U)⁻¹,        a = alpha · mean(diag H).
+
+    The paper's eq. (5), ``U_r = W X Xᵀ V (Vᵀ X Xᵀ V)⁻¹`` (with ``Y_t`` for ``W X``), in
+    matfactor's orientation: its ``U`` is this ``V``, its ``V`` this ``U``, its ``X Xᵀ`` this
+    ``H`` and its ``Y_t Xᵀ`` this ``Gᵀ``. ``alpha = 0`` is the paper's update exactly; the
+    optimality condition, which the result meets to rounding, is
+    ``V Uᵀ(H + aI)U = (G + aW)ᵀ U``.
+
+    Parameters
+    ----------
+    U
+        ``(d_in, r)`` input factor, full column rank in the metric of ``H + aI``.
+    H
+        ``(d_in, d_in)`` Gram matrix ``X_uᵀ X_u``.
+    G
+        ``(d_in, d_out)`` cross term ``X_uᵀ Y_t`` (:meth:`ReconstructionStatistics.target`).
+    W
+        ``(d_in, d_out)`` original weight; needed when ``alpha > 0``.
+    alpha
+        Relative weight of the regulariser ``‖W − UVᵀ‖²`` (eq. 9).
+
+    Returns
+    -------
+    V
+        ``(d_out, r)`` in the compute dtype.
+    """
+    alpha = _check_alpha(alpha)
+    xp, U, H, G, W = _prepare_update(U, H, G, W, "U", 0)
+    return _update_V(xp, U, _Regularised(xp, H, G, W, alpha))
+
+
+def update_U(V: Any, H: Any, G: Any, *, W: Any | None = None, alpha: float = 0.0) -> Any:
+    """The optimal input factor for a fixed output factor: eqs. (8)–(9) of the PIFA paper.
+
+    Minimises ``‖Y_t − X U Vᵀ‖²_F + a‖W − U Vᵀ‖²_F`` over ``U``::
+
+        U = (H + aI)⁻¹ (G + aW) V (VᵀV)⁻¹,        a = alpha · mean(diag H).
+
+    The paper's eq. (9), ``V_rᵀ = (UᵀU)⁻¹ Uᵀ (Y_t Xᵀ + αW)(X Xᵀ + αI)⁻¹``, transposed into
+    matfactor's orientation (its ``Vᵀ`` is this ``Uᵀ``); ``alpha = 0`` is eq. (8), which needs
+    a nonsingular ``H``. Appendix A's two-step view holds: this is the least-squares layer
+    ``T = (H + aI)⁻¹(G + aW)`` projected onto the column space of ``V``. The optimality
+    condition, met to rounding: ``(H + aI) U VᵀV = (G + aW) V``. Solves by Cholesky, never an
+    explicit inverse.
+
+    Parameters
+    ----------
+    V
+        ``(d_out, r)`` output factor of full column rank.
+    H, G, W, alpha
+        As in :func:`update_V`.
+
+    Returns
+    -------
+    U
+        ``(d_in, r)`` in the compute dtype.
+
+    Raises
+    ------
+    ValueError
+        If ``H + aI`` is singular (``alpha = 0`` with dead inputs or fewer samples than
+        inputs: use ``alpha > 0``).
+    """
+    alpha = _check_alpha(alpha)
+    xp, V, H, G, W = _prepare_update(V, H, G, W, "V", 1)
+    return _update_U(xp, V, _Regularised(xp, H, G, W, alpha))
+
+
+def mpifa_lowrank(W: Any, statistics: ReconstructionStatistics, rank: int, *, mix: float = 0.25,
+                  alpha: float = 1e-3, iters: int = 1, init: str = "weight") -> LowRank:
+    """Part 1 of Algorithm 3 (MPIFA): the reconstructed rank-``r`` factors ``U``, ``V``.
+
+    1. Initialise (step 2): ``init="weight"``, SVD-LLM's truncation-aware whitening of ``W``
+       under ``H = X_uᵀX_u``, i.e. :func:`matfactor.svd.weighted_lowrank`; ``init="target"``,
+       the exact global minimiser of the regularised objective ``f`` (module docstring): the
+       whitened SVD of ``T = (H + aI)⁻¹(G + aW)`` under ``H + aI``.
+    2. ``iters`` alternating sweeps, each eq. (5) (:func:`update_V`) then eqs. (8)–(9)
+       (:func:`update_U`), both regularised (see the module docstring); the paper does one.
+       Each sweep never increases ``f``; from ``init="target"`` they leave the factors as they
+       are (pass ``iters=0``).
+
+    Parameters
+    ----------
+    W
+        ``(d_in, d_out)`` dense weight of the layer.
+    statistics
+        :class:`ReconstructionStatistics` of the layer's inputs.
+    rank
+        Target rank ``r`` in ``[1, min(d_in, d_out)]``; see
+        :func:`matfactor.pifa.pifa_rank_for_density`.
+    mix
+        The mix ratio ``λ`` of eq. (7) in ``[0, 1]``; the paper's best is 0.25 (section 5.3).
+    alpha
+        Regularisation towards ``W`` (eq. 9) relative to ``mean(diag H)``. The default ``1e-3``
+        keeps ``H + aI`` well conditioned for dead inputs and few samples. ``0`` is the
+        unregularised eqs. (5) and (8), which need a nonsingular ``H``.
+    iters
+        Alternating sweeps (``>= 0``).
+    init
+        ``"weight"`` (the paper's) or ``"target"`` (the exact minimiser).
+
+    Returns
+    -------
+    LowRank
+        ``U`` ``(d_in, r)``, ``V`` ``(d_out, r)``, in the compute dtype on ``W``'s device.
+    """
+    if not isinstance(statistics, ReconstructionStatistics):
+        raise TypeError(f"statistics must be a ReconstructionStatistics, got "
+                        f"{type(statistics).__name__}")
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    mix, alpha = _check_mix(mix), _check_alpha(alpha)
+    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 0:
+        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    H_stat = statistics.H
+    xp, _ = resolve_namespace(W=W, statistics=H_stat)
+    dtype = common_compute_dtype(xp, W=W, statistics=H_stat)
+    W = as_compute_matrix(xp, W, "W", dtype)
+    d_in, d_out = W.shape
+    if d_in != statistics.d_in:
+        raise ValueError(f"W has shape {tuple(W.shape)} but the statistics were accumulated for "
+                         f"d_in = {statistics.d_in} inputs; W must be (d_in, d_out)")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) \
+            or not 1 <= rank <= min(d_in, d_out):
+        raise ValueError(f"rank must be an integer in [1, min(d_in, d_out)] = "
+                         f"[1, {min(d_in, d_out)}], got {rank!r}")
+    H = _cast(H_stat, dtype)
+    if not bool(xp.all(xp.isfinite(H))):
+        raise ValueError("statistics.H contains NaN or Inf: a calibration batch was not finite")
+    if not float(xp.sum(xp.linalg.diagonal(H))) > 0:
+        raise ValueError("statistics.H is zero: the calibration inputs carry no signal")
+    G = statistics.target(W, mix)
+    reg = _Regularised(xp, H, G, W, alpha)
+    if init == "weight":
+        start = weighted_lowrank(W, H, int(rank))
+    else:
+        start = weighted_lowrank(reg.solve_H(reg.G), reg.H, int(rank))
+    U, V = start.U, start.V
+    for _ in range(int(iters)):
+        V = _update_V(xp, U, reg)
+        U = _update_U(xp, V, reg)
+    return LowRank(U, V)
+
+
+def mpifa(W: Any, statistics: ReconstructionStatistics, rank: int, *, mix: float = 0.25,
+          alpha: float = 1e-3, iters: int = 1, init: str = "weight",
+          rtol: float | None = None) -> Pivoted:
+    """MPIFA (Algorithm 3): online error-accumulation-minimisation reconstruction, then PIFA.
+
+    :func:`mpifa_lowrank` (Part 1), then :func:`matfactor.pifa.pifa_from_factors` (Part 2,
+    ``O((d_in + d_out) r²)``, never forming ``U Vᵀ``). Parameters as in :func:`mpifa_lowrank`;
+    ``rtol`` as in :func:`matfactor.pifa.pifa_from_factors`.
+
+    Returns
+    -------
+    Pivoted
+        The PIFA layer: ``r (d_in + d_out − r)`` values, the same output as the reconstructed
+        ``U Vᵀ`` to rounding.
+
+    Examples
+    --------
+    Per layer, with the inputs it sees in the dense and in the compressed model::
+
+        stats = ReconstructionStatistics()
+        for X_dense, X_compressed in calibration_batches:
+            stats.update(X_dense, X_compressed)
+        layer = mpifa(W, stats, pifa_rank_for_density(W.shape, 0.5))
+    """
+    factors = mpifa_lowrank(W, statistics, rank, mix=mix, alpha=alpha, iters=iters, init=init)
+    return pifa_from_factors(factors.U, factors.V, rtol=rtol)
