@@ -11,7 +11,7 @@ from .dsf import DoubleSparse, double_sparse, dsf_budget_split
 from .error import layer_error
 from .exceptions import ConvergenceWarning
 from .lowrank_gd import hassle_free_learning_rate, lowrank_gd
-from .pifa import Pivoted, pifa, pifa_from_factors, pifa_rank_for_density
+from .pifa import Pivoted, pifa_from_dense, pifa_from_factors, pifa_rank_for_density
 from .pruning import Pruner, magnitude_prune, sparsegpt_prune, wanda_prune
 from .reconstruct import ReconstructionStatistics, mpifa, mpifa_lowrank, update_U, update_V
 from .sparsity import (
@@ -51,7 +51,7 @@ __all__ = [
     "mpifa_lowrank",
     "nnz_budget",
     "parse_pattern",
-    "pifa",
+    "pifa_from_dense",
     "pifa_from_factors",
     "pifa_rank_for_density",
     "randomized_svd",

@@ -42,7 +42,7 @@ from ._array import (
 )
 from .error import layer_error
 
-__all__ = ["Pivoted", "pifa", "pifa_from_factors", "pifa_rank_for_density"]
+__all__ = ["Pivoted", "pifa_from_dense", "pifa_from_factors", "pifa_rank_for_density"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -225,7 +225,7 @@ def _check_rtol(rtol: Any) -> float | None:
     return float(rtol)
 
 
-def pifa(W: Any, rank: int, *, rtol: float | None = None) -> Pivoted:
+def pifa_from_dense(W: Any, rank: int, *, rtol: float | None = None) -> Pivoted:
     """Pivoting factorization of a dense rank-``rank`` matrix (PIFA paper, section 3.2).
 
     QR with column pivoting of ``W`` itself, ``W P = Q [R₁₁ R₁₂]``, gives the ``rank`` pivot
@@ -293,7 +293,7 @@ def pifa_from_factors(U: Any, V: Any, *, rtol: float | None = None) -> Pivoted:
         ``Ŵ = U @ V.T``; the paper's ``U Vᵀ`` with the roles of the factors swapped by the
         transposition).
     rtol
-        Rejection threshold for the pivot block, as in :func:`pifa`; default
+        Rejection threshold for the pivot block, as in :func:`pifa_from_dense`; default
         ``10·√d_out·eps``.
 
     Returns

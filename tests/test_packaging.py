@@ -37,3 +37,17 @@ def test_main_job_prunes_within_budget(capsys):
         assert pruner in ("magnitude", "wanda", "sparsegpt", "admm")
         assert 0 < float(error) < 1 and np.isfinite(float(seconds))
         assert int(nnz) <= budgets[0]
+
+
+def test_no_public_name_shadows_a_submodule():
+    """``import matfactor.pifa`` must give the module, not a function of the same name."""
+    import importlib
+    import pkgutil
+    import types
+
+    import matfactor
+
+    for info in pkgutil.iter_modules(matfactor.__path__):
+        module = importlib.import_module(f"matfactor.{info.name}")
+        assert isinstance(getattr(matfactor, info.name), types.ModuleType), info.name
+        assert getattr(matfactor, info.name) is module

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from matfactor import _array
-from matfactor.pifa import Pivoted, pifa, pifa_from_factors, pifa_rank_for_density
+from matfactor.pifa import Pivoted, pifa_from_dense, pifa_from_factors, pifa_rank_for_density
 from problems import eps
 
 # Relative Frobenius error ‖Ŵ − W‖ / ‖W‖ of a round trip, per compute dtype.
@@ -133,7 +133,7 @@ def test_round_trip_is_lossless_for_any_rank_r_input(backend, dtype_name, factor
     U_np, V_np = backend.to_numpy(U).astype(np.float64), backend.to_numpy(V).astype(np.float64)
     W_np = U_np @ V_np.T
     rank = U_np.shape[1]
-    for result in (pifa(U @ V.T, rank), pifa_from_factors(U, V)):
+    for result in (pifa_from_dense(U @ V.T, rank), pifa_from_factors(U, V)):
         assert isinstance(result, Pivoted) and result.rank == rank
         assert result.W_p.dtype == backend.dtype(dtype_name) and backend.same_device(result.W_p)
         assert backend.same_device(result.pivots) and backend.same_device(result.C)
@@ -151,7 +151,7 @@ def test_round_trip_is_lossless_for_any_rank_r_input(backend, dtype_name, factor
 @pytest.mark.parametrize("shape", [(24, 24), (16, 40), (40, 16)])
 def test_full_rank_pifa_reproduces_any_matrix(backend, shape):
     W = np.random.default_rng(1).standard_normal(shape)
-    result = pifa(backend.asarray(W), min(shape))
+    result = pifa_from_dense(backend.asarray(W), min(shape))
     assert result.C.shape == (min(shape), shape[1] - min(shape))
     assert relative_error(backend.to_numpy(result.dense()), W) <= 1e-12
 
@@ -160,7 +160,7 @@ def test_higher_rank_input_gives_the_least_squares_fit_on_the_pivot_columns():
     """Beyond its rank, pifa is the column-subset (interpolative) approximation: C is the
     least-squares fit of the other columns on the pivot columns."""
     W = np.random.default_rng(2).standard_normal((30, 20))
-    result = pifa(W, 8)
+    result = pifa_from_dense(W, 8)
     pivots, non_pivots = result.pivots, result.non_pivots
     C_ls = np.linalg.lstsq(W[:, pivots], W[:, non_pivots], rcond=None)[0]
     np.testing.assert_allclose(result.C, C_ls, atol=1e-10)
@@ -168,7 +168,7 @@ def test_higher_rank_input_gives_the_least_squares_fit_on_the_pivot_columns():
 
 def test_factors_and_dense_constructors_agree(backend):
     U, V = rank_r_factors(48, 36, 12, 2.0, seed=3)
-    from_dense = pifa(backend.asarray(U @ V.T), 12)
+    from_dense = pifa_from_dense(backend.asarray(U @ V.T), 12)
     from_factors = pifa_from_factors(backend.asarray(U), backend.asarray(V))
     np.testing.assert_allclose(backend.to_numpy(from_factors.dense()),
                                backend.to_numpy(from_dense.dense()), atol=1e-12)
@@ -198,7 +198,7 @@ def test_half_precision_is_computed_in_float32():
     U, V = rank_r_factors(32, 24, 6, 1.0, seed=6)
     for half, half_eps in ((torch.float16, 2.0**-10), (torch.bfloat16, 2.0**-7)):
         W = torch.asarray(U @ V.T).to(half)
-        result = pifa(W, 6)
+        result = pifa_from_dense(W, 6)
         assert result.W_p.dtype == torch.float32 and result.C.dtype == torch.float32
         factors = pifa_from_factors(torch.asarray(U).to(half), torch.asarray(V).to(half))
         assert factors.W_p.dtype == torch.float32
@@ -228,7 +228,7 @@ def test_rank_deficient_input_is_rejected_naming_the_rank(backend, dtype_name):
     U, V = rank_r_factors(30, 25, 6, 1.0, seed=8)
     W = backend.asarray(U @ V.T, dtype_name)     # rank 6, asked for rank 7
     with pytest.raises(ValueError, match="rank=7 exceeds the numerical rank of W"):
-        pifa(W, 7)
+        pifa_from_dense(W, 7)
     U_deficient = U.copy()
     U_deficient[:, -1] = U[:, :-1] @ np.arange(1.0, 6.0)  # U of rank 5
     with pytest.raises(ValueError, match=r"rank=6 exceeds the numerical rank of U @ V.T"):
@@ -238,9 +238,9 @@ def test_rank_deficient_input_is_rejected_naming_the_rank(backend, dtype_name):
     with pytest.raises(ValueError, match="rank=6 exceeds"):
         pifa_from_factors(backend.asarray(U, dtype_name), backend.asarray(V_deficient, dtype_name))
     with pytest.raises(ValueError, match="W is zero"):
-        pifa(backend.asarray(np.zeros((4, 5)), dtype_name), 2)
+        pifa_from_dense(backend.asarray(np.zeros((4, 5)), dtype_name), 2)
     # rtol = 0 accepts anything but an exactly singular block.
-    assert pifa(W, 7, rtol=0.0).rank == 7
+    assert pifa_from_dense(W, 7, rtol=0.0).rank == 7
 
 
 # --------------------------------------------------------------------------- budget
@@ -286,13 +286,13 @@ def test_bad_input_is_named(backend):
     W = backend.asarray(np.ones((6, 5)))
     for rank in (0, 6, 2.0, True):
         with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 5\]"):
-            pifa(W, rank)
+            pifa_from_dense(W, rank)
     with pytest.raises(ValueError, match="W must be a 2-D matrix"):
-        pifa(backend.asarray(np.ones(6)), 1)
+        pifa_from_dense(backend.asarray(np.ones(6)), 1)
     with pytest.raises(ValueError, match="W contains NaN or Inf"):
-        pifa(backend.asarray(np.full((6, 5), np.nan)), 1)
+        pifa_from_dense(backend.asarray(np.full((6, 5), np.nan)), 1)
     with pytest.raises(ValueError, match="rtol must be None or a number in"):
-        pifa(W, 1, rtol=-1.0)
+        pifa_from_dense(W, 1, rtol=-1.0)
     U, V = backend.asarray(np.ones((6, 2))), backend.asarray(np.ones((5, 3)))
     with pytest.raises(ValueError, match="U has shape .* and V has shape .* both must have r columns"):
         pifa_from_factors(U, V)
@@ -301,7 +301,7 @@ def test_bad_input_is_named(backend):
     with pytest.raises(ValueError, match="V contains NaN or Inf"):
         pifa_from_factors(backend.asarray(np.ones((6, 2))), backend.asarray(np.full((5, 2), np.inf)))
     with pytest.raises(TypeError, match="W must be an array"):
-        pifa([[1.0, 2.0]], 1)
+        pifa_from_dense([[1.0, 2.0]], 1)
 
 
 def test_inconsistent_pivoted_is_rejected():
@@ -337,7 +337,7 @@ def test_round_trip_through_the_generic_path_on_torch(monkeypatch, dtype_name):
     dtype = getattr(torch, dtype_name)
     U_t, V_t = torch.asarray(U).to(dtype), torch.asarray(V).to(dtype)
     W = (U_t.double() @ V_t.double().T).numpy()
-    for result in (pifa(U_t @ V_t.T, 15), pifa_from_factors(U_t, V_t)):
+    for result in (pifa_from_dense(U_t @ V_t.T, 15), pifa_from_factors(U_t, V_t)):
         assert relative_error(result.dense().numpy(), W) <= ROUND_TRIP_TOL[dtype_name]
     with pytest.raises(ValueError, match="rank=16 exceeds"):
-        pifa(U_t @ V_t.T, 16)
+        pifa_from_dense(U_t @ V_t.T, 16)
