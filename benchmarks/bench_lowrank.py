@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from matfactor.lowrank_gd import lowrank_gd
+from matfactor.lowrank_descent import lowrank_gd
 from matfactor.svd import randomized_svd, truncated_svd, weighted_lowrank
 from matfactor.testing import realistic_layer
 

@@ -10,7 +10,7 @@ from .admm import AdmmState, admm_prune, admm_solve
 from .dsf import DoubleSparse, double_sparse, dsf_budget_split
 from .error import layer_error
 from .exceptions import ConvergenceWarning
-from .lowrank_gd import hassle_free_learning_rate, lowrank_gd
+from .lowrank_descent import hassle_free_learning_rate, lowrank_gd
 from .pifa import Pivoted, pifa_from_dense, pifa_from_factors, pifa_rank_for_density
 from .pruning import Pruner, magnitude_prune, sparsegpt_prune, wanda_prune
 from .reconstruct import ReconstructionStatistics, mpifa, mpifa_lowrank, update_U, update_V

@@ -12,7 +12,7 @@ Three solvers, one for each variant of subproblem (P2) of the HASSLE-free paper 
 - :func:`randomized_svd`: the same approximation by the randomized range finder of Halko,
   Martinsson and Tropp (2011) with power iterations: a few GEMMs with ``W`` instead of an SVD;
 - :func:`weighted_lowrank`: the full Hessian (section 4.2.3). Where the paper reparametrises
-  ``M = U Vᵀ`` and runs gradient descent (:mod:`matfactor.lowrank_gd`), this problem has a
+  ``M = U Vᵀ`` and runs gradient descent (:mod:`matfactor.lowrank_descent`), this problem has a
   closed-form global minimiser by whitening: with ``H = Sᵀ S``, the objective is
   ``‖S W − S M‖²_F`` and the minimiser follows from the truncated SVD of ``S W``. It extends
   Theorem 4.1 (diagonal ``H``) to any positive semi-definite ``H``, singular ones included.
@@ -61,7 +61,7 @@ class LowRank:
     V
         ``(d_out, r)`` right factor.
     history
-        For iterative solvers (:func:`matfactor.lowrank_gd.lowrank_gd`), the objective at each
+        For iterative solvers (:func:`matfactor.lowrank_descent.lowrank_gd`), the objective at each
         evaluated iterate as a tuple of floats; ``None`` otherwise.
     """
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matfactor.lowrank_gd import hassle_free_learning_rate, lowrank_gd
+from matfactor.lowrank_descent import hassle_free_learning_rate, lowrank_gd
 from matfactor.svd import LowRank, truncated_svd, weighted_lowrank
 from matfactor.testing import realistic_layer
 from problems import eps, layer_problems
