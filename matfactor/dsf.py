@@ -38,6 +38,7 @@ from ._array import (
     as_compute_matrix,
     check_gram,
     common_compute_dtype,
+    contiguous,
     resolve_namespace,
     spd_inverse,
     spd_solve,
@@ -293,6 +294,9 @@ def _sparse_regression(xp: Any, G: Any, FtT: Any, Z: Any, U: Any, nnz: int, rho0
     ``inner_iters − 1`` use ``ρ = 1`` through one inverse. Rows of ``X`` whose column of ``F`` is
     zero cannot affect the fit: they are set to zero and go first when the mask is chosen.
     """
+    # The S-update passes transposed views: one copy into row-major order here keeps every
+    # elementwise pass of the ADMM loop on uniformly ordered memory (see _array.contiguous).
+    G, FtT, Z, U = (contiguous(xp, A) for A in (G, FtT, Z, U))
     diagonal = xp.linalg.diagonal(G)
     dead = diagonal <= 0
     scale = xp.sqrt(xp.where(dead, xp.ones_like(diagonal), diagonal))
