@@ -37,6 +37,7 @@ __all__ = [
     "spd_inverse",
     "spd_solve",
     "add_to_diagonal",
+    "diagonal_scale",
     "contiguous",
     "synchronize",
     "pivoted_qr",
@@ -421,6 +422,17 @@ def contiguous(xp: Any, x: Any) -> Any:
 
         return cupy.ascontiguousarray(x)
     return x
+
+
+def diagonal_scale(xp: Any, G: Any) -> tuple[Any, Any]:
+    """``(√diag(G), dead)`` for preconditioning a Gram matrix to a unit diagonal.
+
+    ``dead`` marks the non-positive diagonal entries (inputs or columns that never contribute);
+    their scale is 1 so that dividing by it is always safe, and callers zero what they own.
+    """
+    diagonal = xp.linalg.diagonal(G)
+    dead = diagonal <= 0
+    return xp.sqrt(xp.where(dead, xp.ones_like(diagonal), diagonal)), dead
 
 
 def add_to_diagonal(xp: Any, A: Any, values: Any) -> Any:

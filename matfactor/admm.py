@@ -38,7 +38,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ._array import add_to_diagonal, resolve_namespace, spd_inverse
+from ._array import add_to_diagonal, diagonal_scale, resolve_namespace, spd_inverse
 from .exceptions import ConvergenceWarning
 from .pruning import prepare_pruning_problem
 from .sparsity import SparsityPattern, cubic_schedule, gradual_mask
@@ -83,10 +83,7 @@ class _Preconditioned:
 
 
 def _precondition(xp: Any, W: Any, H: Any, damping: float) -> _Preconditioned:
-    diagonal = xp.linalg.diagonal(H)
-    dead = diagonal <= 0  # not all: checked by prepare_pruning_problem
-    scale = xp.where(dead, xp.ones_like(diagonal), xp.sqrt(xp.where(dead, xp.ones_like(diagonal),
-                                                                        diagonal)))
+    scale, dead = diagonal_scale(xp, H)  # not all dead: checked by prepare_pruning_problem
     H_n = H / scale[:, None] / scale[None, :]
     W_n = xp.where(dead[:, None], xp.zeros_like(W), W * scale[:, None])
     return _Preconditioned(add_to_diagonal(xp, H_n, damping), W_n, scale, dead)

@@ -39,6 +39,7 @@ from ._array import (
     check_gram,
     common_compute_dtype,
     contiguous,
+    diagonal_scale,
     resolve_namespace,
     spd_inverse,
     spd_solve,
@@ -46,10 +47,12 @@ from ._array import (
 )
 from .admm import admm_iterations
 from .error import layer_error
-from .sparsity import keep_count
+from .sparsity import SparsityPattern, check_density, keep_count
 from .sylvester import SylvesterSolver
 
 __all__ = ["DoubleSparse", "double_sparse", "dsf_budget_split"]
+
+_UNSTRUCTURED = SparsityPattern("unstructured")
 
 #: Shares of the total budget the square factor gets by default (see :func:`dsf_budget_split`):
 #: when it is the factor that the layer-wise finalization re-fits (next to the output), and
@@ -126,10 +129,7 @@ def dsf_budget_split(shape: tuple[int, int], density: float, split: str | float 
     """
     d_in, d_out = shape
     k, m = min(d_in, d_out), max(d_in, d_out)
-    if isinstance(density, bool) or not isinstance(density, numbers.Real) \
-            or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
-    total = keep_count(float(density), d_in * d_out)
+    total = keep_count(check_density(density, _UNSTRUCTURED), d_in * d_out)
     if split == "auto":
         share = AUTO_SHARE_REFIT if layerwise and d_in > d_out else AUTO_SHARE_OTHER
         square = math.floor(share * total)
@@ -217,23 +217,21 @@ def double_sparse(W: Any, density: float, H: Any | None = None, *, split: str | 
             raise ValueError(f"square_mask must be a boolean ({k}, {k}) array, got dtype "
                              f"{square_mask.dtype} and shape {tuple(square_mask.shape)}")
         nnz_square = int(xp.count_nonzero(square_mask))
-        total = keep_count(_check_density(density), d_in * d_out)
+        total = keep_count(check_density(density, _UNSTRUCTURED), d_in * d_out)
         nnz_other = min(total - nnz_square, d_in * d_out)
         if nnz_square < 1 or nnz_other < 1:
             raise ValueError(f"square_mask keeps {nnz_square} entries of a budget of {total}: "
                              "both factors need nonzeros")
     else:
-        nnz_square, nnz_other = dsf_budget_split((d_in, d_out), _check_density(density), split,
+        nnz_square, nnz_other = dsf_budget_split((d_in, d_out), check_density(density, _UNSTRUCTURED), split,
                                                  layerwise=H is not None)
 
     # Layer-wise: project the input-norm-scaled weight (section 4.3; Wanda's scaling).
     if H is None:
         scale, target = None, W
     else:
-        diagonal = xp.linalg.diagonal(H)
-        dead = diagonal <= 0
-        scale = xp.sqrt(xp.where(dead, xp.zeros_like(diagonal), diagonal))
-        target = W * scale[:, None]
+        scale, dead = diagonal_scale(xp, H)
+        target = xp.where(dead[:, None], xp.zeros_like(W), W * scale[:, None])
 
     # Work with T (k × m) ≈ S (k × k) @ other (k × m), k <= m: transpose a tall weight.
     transposed = d_in > d_out
@@ -244,20 +242,12 @@ def double_sparse(W: Any, density: float, H: Any | None = None, *, split: str | 
     A, B = (other.T, S.T) if transposed else (S, other)
 
     if H is not None:
-        A = xp.where(dead[:, None], xp.zeros_like(A),
-                     A / xp.where(dead, xp.ones_like(scale), scale)[:, None])
+        A = xp.where(dead[:, None], xp.zeros_like(A), A / scale[:, None])
         if finalize:
             if finalize_input_factor:
                 A = _finalize_input_factor(xp, W, H, A, B, finalize_iters)
             B = _finalize_output_factor(xp, W, H, A, B, finalize_iters)
     return DoubleSparse(A, B)
-
-
-def _check_density(density: Any) -> float:
-    if isinstance(density, bool) or not isinstance(density, numbers.Real) \
-            or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
-    return float(density)
 
 
 def _project(xp: Any, T: Any, nnz_square: int, nnz_other: int, outer_iters: int,
@@ -297,9 +287,7 @@ def _sparse_regression(xp: Any, G: Any, FtT: Any, Z: Any, U: Any, nnz: int, rho0
     # The S-update passes transposed views: one copy into row-major order here keeps every
     # elementwise pass of the ADMM loop on uniformly ordered memory (see _array.contiguous).
     G, FtT, Z, U = (contiguous(xp, A) for A in (G, FtT, Z, U))
-    diagonal = xp.linalg.diagonal(G)
-    dead = diagonal <= 0
-    scale = xp.sqrt(xp.where(dead, xp.ones_like(diagonal), diagonal))
+    scale, dead = diagonal_scale(xp, G)
     G_n = G / scale[:, None] / scale[None, :]
     live_fraction = 1.0 - float(xp.mean(xp.astype(dead, G.dtype)))
     G_n = add_to_diagonal(xp, G_n, damping * live_fraction)
@@ -328,9 +316,7 @@ def _finalize_output_factor(xp: Any, W: Any, H: Any, A: Any, B: Any, iters: int)
     HA = H @ A
     G = A.T @ HA
     target = HA.T @ W
-    diagonal = xp.linalg.diagonal(G)
-    dead = diagonal <= 0
-    scale = xp.sqrt(xp.where(dead, xp.ones_like(diagonal), diagonal))
+    scale, _ = diagonal_scale(xp, G)
     G_n = G / scale[:, None] / scale[None, :]
     rho = 1.0
     G_rho_inv = spd_inverse(xp, add_to_diagonal(xp, G_n, rho), name="AᵀHA")
@@ -349,9 +335,7 @@ def _finalize_input_factor(xp: Any, W: Any, H: Any, A: Any, B: Any, iters: int) 
     and one of ``BBᵀ``. Inputs are normalised (``diag(H) = 1``) and ``ρ`` is taken relative to
     the scale of ``BBᵀ``, so that one value fits every layer.
     """
-    diagonal = xp.linalg.diagonal(H)
-    dead = diagonal <= 0
-    scale = xp.sqrt(xp.where(dead, xp.ones_like(diagonal), diagonal))
+    scale, dead = diagonal_scale(xp, H)
     H_n = H / scale[:, None] / scale[None, :]
     N = B @ B.T
     solver = SylvesterSolver(H_n, N)
