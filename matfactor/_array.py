@@ -11,6 +11,7 @@ standard, which is what ``array_api_strict`` exercises in the tests.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import array_api_compat
@@ -27,6 +28,7 @@ __all__ = [
     "common_compute_dtype",
     "as_compute_matrix",
     "check_finite",
+    "check_count",
     "check_gram",
     "check_symmetric",
     "random_normal",
@@ -165,6 +167,19 @@ def check_symmetric(xp: Any, A: Any, name: str, what: str = "symmetric") -> None
     if asymmetry > 100 * eps * max(scale, 1e-300) * math.sqrt(A.shape[0]):
         raise ValueError(f"{name} must be symmetric ({what}); max |{name} - {name}ᵀ| = "
                          f"{asymmetry:.3g} against max |{name}| = {scale:.3g}")
+
+
+def check_count(name: str, value: Any, minimum: int) -> int:
+    """A Python/NumPy integer ``>= minimum``, else a ``ValueError`` naming ``name``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
 
 
 def _numpy_generator(rng: Any) -> np.random.Generator:

@@ -38,7 +38,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ._array import add_to_diagonal, diagonal_scale, resolve_namespace, spd_inverse
+from ._array import add_to_diagonal, check_count, diagonal_scale, resolve_namespace, spd_inverse
 from .exceptions import ConvergenceWarning
 from .pruning import prepare_pruning_problem
 from .sparsity import SparsityPattern, cubic_schedule, gradual_mask
@@ -104,12 +104,6 @@ def _check_parameter(name: str, value: Any, *, minimum: float, strict: bool) -> 
         relation = ">" if strict else ">="
         raise ValueError(f"{name} must be {relation} {minimum}, got {value!r}")
     return float(value)
-
-
-def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_warm_start(xp: Any, warm_start: AdmmState | None, shape: tuple[int, ...]) -> None:
@@ -205,8 +199,8 @@ def admm_prune(W: Any, H: Any, *, density: float | None = None,
         The pruned weight in the compute dtype, meeting ``pattern`` and its budget exactly.
     """
     problem = prepare_pruning_problem(W, H, density, pattern, needs_H=True)
-    iters = _check_count("iters", iters, 1)
-    gradual_iters = _check_count("gradual_iters", gradual_iters, 0)
+    iters = check_count("iters", iters, 1)
+    gradual_iters = check_count("gradual_iters", gradual_iters, 0)
     if gradual_iters > iters:
         raise ValueError(f"gradual_iters ({gradual_iters}) must not exceed iters ({iters})")
     damping = _check_parameter("damping", damping, minimum=0.0, strict=False)
@@ -303,8 +297,8 @@ def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 
                          f"{tuple(problem.W.shape)}")
     damping = _check_parameter("damping", damping, minimum=0.0, strict=False)
     rho = _check_parameter("rho", rho, minimum=0.0, strict=True)
-    max_iters = _check_count("max_iters", max_iters, 1)
-    check_every = _check_count("check_every", check_every, 1)
+    max_iters = check_count("max_iters", max_iters, 1)
+    check_every = check_count("check_every", check_every, 1)
     if tol is None:
         tol = 1e-10 if problem.W.dtype == xp.float64 else 1e-5
     tol = _check_parameter("tol", tol, minimum=0.0, strict=True)

@@ -36,6 +36,7 @@ import array_api_compat
 from ._array import (
     add_to_diagonal,
     as_compute_matrix,
+    check_count,
     check_gram,
     common_compute_dtype,
     contiguous,
@@ -202,10 +203,10 @@ def double_sparse(W: Any, density: float, H: Any | None = None, *, split: str | 
         if not bool(xp.any(xp.linalg.diagonal(H) > 0)):
             raise ValueError("H has an all-zero diagonal: every input is dead, there is nothing "
                              "to reconstruct")
-    for name, value, minimum in (("outer_iters", outer_iters, 1), ("inner_iters", inner_iters, 1),
-                                 ("mask_iters", mask_iters, 0), ("finalize_iters", finalize_iters, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    outer_iters = check_count("outer_iters", outer_iters, 1)
+    inner_iters = check_count("inner_iters", inner_iters, 1)
+    mask_iters = check_count("mask_iters", mask_iters, 0)
+    finalize_iters = check_count("finalize_iters", finalize_iters, 1)
     if mask_iters > inner_iters:
         raise ValueError(f"mask_iters ({mask_iters}) must not exceed inner_iters ({inner_iters})")
     if isinstance(damping, bool) or not isinstance(damping, numbers.Real) \

@@ -35,11 +35,10 @@ from typing import Any
 import numpy as np
 from array_api_compat import is_cupy_namespace, is_torch_namespace
 
-from ._array import random_normal, resolve_namespace
+from ._array import check_count, random_normal, resolve_namespace
 from .svd import (
     LowRank,
     _prepare_W,
-    check_count,
     check_damping,
     check_rank,
     diagonal_scaling,

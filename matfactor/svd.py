@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._array import (
+    check_count,
     add_to_diagonal,
     as_compute_matrix,
     check_gram,
@@ -128,19 +129,6 @@ def check_rank(rank: Any, shape: tuple[int, int]) -> int:
     if not 1 <= value <= limit:
         raise ValueError(f"rank must be an integer in [1, min(d_in, d_out)] = [1, {limit}] for a "
                          f"{tuple(shape)} weight, got {value}")
-    return value
-
-
-def check_count(name: str, value: Any, minimum: int) -> int:
-    """A Python/NumPy integer ``>= minimum``, else a ``ValueError`` naming ``name``."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
