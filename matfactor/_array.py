@@ -127,6 +127,18 @@ def as_compute_matrix(xp: Any, x: Any, name: str, dtype: Any) -> Any:
     return x
 
 
+def layer_input(X: Any, weight: Any, d_in: int) -> tuple[Any, Any]:
+    """Validate the inputs ``X`` ``(..., d_in)`` of a compressed layer whose stored ``weight``
+    part sets the namespace, device and dtype; return ``(xp, X)`` with ``X`` cast to it."""
+    xp, _ = resolve_namespace(X=X, weight=weight)
+    if X.ndim < 1 or X.shape[-1] != d_in:
+        raise ValueError(f"X must have shape (..., d_in) with d_in = {d_in}, got {tuple(X.shape)}")
+    compute_dtype(xp, X, "X")
+    if X.dtype != weight.dtype:
+        X = xp.astype(X, weight.dtype)
+    return xp, X
+
+
 def check_finite(xp: Any, x: Any, name: str) -> None:
     """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or Inf.
 

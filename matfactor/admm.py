@@ -73,28 +73,33 @@ class AdmmState:
 
 
 @dataclass(frozen=True)
-class _Preconditioned:
-    """The problem in coordinates where ``diag(H) = 1`` (dead inputs: 0)."""
+class AdmmFactor:
+    """The problem's ``H`` in coordinates where ``diag(H) = 1``, factored once for a fixed ρ.
 
-    H: Any          # damped, preconditioned Gram matrix H_n + λI
-    W: Any          # preconditioned weight, dead rows zero
+    Everything ADMM pruning needs of ``H``, reusable for any weight (the sparse-plus-low-rank
+    alternation prunes a new weight against the same ``H`` at every iteration).
+    """
+
+    H: Any          # damped, preconditioned Gram matrix H_n + λI (dead inputs: zero rows)
+    H_rho_inv: Any  # (H_n + λI + ρI)⁻¹: one GEMM per Ŵ-update
+    rho: float
     scale: Any      # √H_ii per input (1 for dead inputs)
     dead: Any       # boolean, per input
 
 
-def _precondition(xp: Any, W: Any, H: Any, damping: float) -> _Preconditioned:
+def admm_factor(xp: Any, H: Any, damping: float, rho: float) -> AdmmFactor:
+    """Precondition ``H`` to a unit diagonal, damp it, and invert ``H + ρI`` (``d_in³``, once)."""
     scale, dead = diagonal_scale(xp, H)  # not all dead: checked by prepare_pruning_problem
-    H_n = H / scale[:, None] / scale[None, :]
-    W_n = xp.where(dead[:, None], xp.zeros_like(W), W * scale[:, None])
-    return _Preconditioned(add_to_diagonal(xp, H_n, damping), W_n, scale, dead)
+    H_n = add_to_diagonal(xp, H / scale[:, None] / scale[None, :], damping)
+    return AdmmFactor(H_n, spd_inverse(xp, add_to_diagonal(xp, H_n, rho)), rho, scale, dead)
 
 
-def _to_user(xp: Any, pre: _Preconditioned, A: Any) -> Any:
-    return xp.where(pre.dead[:, None], xp.zeros_like(A), A / pre.scale[:, None])
+def _to_user(xp: Any, factor: AdmmFactor, A: Any) -> Any:
+    return xp.where(factor.dead[:, None], xp.zeros_like(A), A / factor.scale[:, None])
 
 
-def _from_user(xp: Any, pre: _Preconditioned, A: Any) -> Any:
-    return xp.where(pre.dead[:, None], xp.zeros_like(A), A * pre.scale[:, None])
+def _from_user(xp: Any, factor: AdmmFactor, A: Any) -> Any:
+    return xp.where(factor.dead[:, None], xp.zeros_like(A), A * factor.scale[:, None])
 
 
 def _check_parameter(name: str, value: Any, *, minimum: float, strict: bool) -> float:
@@ -117,11 +122,11 @@ def _check_warm_start(xp: Any, warm_start: AdmmState | None, shape: tuple[int, .
             raise ValueError(f"warm_start.{name} has shape {tuple(value.shape)}, expected {shape}")
 
 
-def _warm_iterate(xp: Any, pre: _Preconditioned, warm_start: AdmmState, dtype: Any,
+def _warm_iterate(xp: Any, factor: AdmmFactor, warm_start: AdmmState, dtype: Any,
                   ) -> tuple[Any, Any]:
     """The previous ``(Z, U)`` of a warm start, in preconditioned coordinates."""
-    return (_from_user(xp, pre, xp.astype(warm_start.Z, dtype)),
-            _from_user(xp, pre, xp.astype(warm_start.U, dtype)))
+    return (_from_user(xp, factor, xp.astype(warm_start.Z, dtype)),
+            _from_user(xp, factor, xp.astype(warm_start.U, dtype)))
 
 
 def admm_iterations(xp: Any, H_rho_inv: Any, target: Any, rho: float, W_hat: Any, U: Any,
@@ -208,33 +213,47 @@ def admm_prune(W: Any, H: Any, *, density: float | None = None,
     xp = problem.xp
     _check_warm_start(xp, warm_start, tuple(problem.W.shape))
 
-    pre = _precondition(xp, problem.W, problem.H, damping)
-    H_rho_inv = spd_inverse(xp, add_to_diagonal(xp, pre.H, rho))
-    target = pre.H @ pre.W
+    factor = admm_factor(xp, problem.H, damping, rho)
+    return admm_prune_with_factor(xp, problem.W, factor, problem.density, problem.pattern,
+                                  iters, gradual_iters, warm_start=warm_start,
+                                  return_state=return_state)
+
+
+def admm_prune_with_factor(xp: Any, W: Any, factor: AdmmFactor, density: float,
+                           pattern: SparsityPattern, iters: int, gradual_iters: int, *,
+                           warm_start: AdmmState | None = None, return_state: bool = False) -> Any:
+    """:func:`admm_prune` on validated inputs with a precomputed :class:`AdmmFactor`.
+
+    Costs ``iters + 1`` GEMMs of ``(d_in, d_in)`` by ``(d_in, d_out)`` and no factorization.
+    """
+    W_n = _from_user(xp, factor, W)
+    target = factor.H @ W_n
+    rho = factor.rho
     if warm_start is None:
         # Cold start: Ŵ = W, U = 0 (the Ŵ-update from Z = W, U = 0 would return W itself).
-        W_hat, U, remaining = pre.W, xp.zeros_like(pre.W), iters
+        W_hat, U, remaining = W_n, xp.zeros_like(W_n), iters
     else:
         # Warm start: resume with the Ŵ-update from the previous (Z, U), the first of `iters`.
-        Z, U = _warm_iterate(xp, pre, warm_start, problem.W.dtype)
-        W_hat, remaining = H_rho_inv @ (target + rho * (Z - U)), iters - 1
+        Z, U = _warm_iterate(xp, factor, warm_start, W.dtype)
+        W_hat, remaining = factor.H_rho_inv @ (target + rho * (Z - U)), iters - 1
 
     def mask_at(t: int, V: Any) -> Any:
         # Dead inputs have Ŵ + U = 0 exactly, so they are the first to go.
         if t < gradual_iters:
-            return gradual_mask(xp, xp.abs(V), problem.density, problem.pattern,
+            return gradual_mask(xp, xp.abs(V), density, pattern,
                                 cubic_schedule(t + 1, gradual_iters))
         if t == 0:  # no gradual phase: keep a warm start's mask, or select one at once
             if warm_start is not None:
                 return warm_start.mask
-            return gradual_mask(xp, xp.abs(V), problem.density, problem.pattern, 1.0)
+            return gradual_mask(xp, xp.abs(V), density, pattern, 1.0)
         return None
 
-    _, Z, U, mask = admm_iterations(xp, H_rho_inv, target, rho, W_hat, U, remaining, mask_at)
-    Z_user = _to_user(xp, pre, Z)
+    _, Z, U, mask = admm_iterations(xp, factor.H_rho_inv, target, rho, W_hat, U, remaining,
+                                    mask_at)
+    Z_user = _to_user(xp, factor, Z)
     if not return_state:
         return Z_user
-    return AdmmState(Z_user, _to_user(xp, pre, U), mask, iters)
+    return AdmmState(Z_user, _to_user(xp, factor, U), mask, iters)
 
 
 def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 1.0,
@@ -304,14 +323,15 @@ def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 
     tol = _check_parameter("tol", tol, minimum=0.0, strict=True)
     _check_warm_start(xp, warm_start, tuple(problem.W.shape))
 
-    pre = _precondition(xp, problem.W, problem.H, damping)
-    H_rho_inv = spd_inverse(xp, add_to_diagonal(xp, pre.H, rho))
-    target = pre.H @ pre.W
-    zeros = xp.zeros_like(pre.W)
+    factor = admm_factor(xp, problem.H, damping, rho)
+    H_n, H_rho_inv = factor.H, factor.H_rho_inv
+    W_n = _from_user(xp, factor, problem.W)
+    target = H_n @ W_n
+    zeros = xp.zeros_like(W_n)
     if warm_start is None:
-        Z, U = xp.where(mask, pre.W, zeros), zeros
+        Z, U = xp.where(mask, W_n, zeros), zeros
     else:
-        Z, U = _warm_iterate(xp, pre, warm_start, problem.W.dtype)
+        Z, U = _warm_iterate(xp, factor, warm_start, problem.W.dtype)
         Z = xp.where(mask, Z, zeros)
 
     converged = False
@@ -335,16 +355,16 @@ def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 
         # Residual balancing (Boyd et al., 2011, section 3.4.1): keep both residuals of the
         # same size. A new ρ costs one refactorization, paid at most once per check.
         if adaptive_rho and (primal > 10 * dual or dual > 10 * primal):
-            factor = 2.0 if primal > dual else 0.5
-            rho *= factor
-            U = U / factor
-            H_rho_inv = spd_inverse(xp, add_to_diagonal(xp, pre.H, rho))
+            rho_change = 2.0 if primal > dual else 0.5
+            rho *= rho_change
+            U = U / rho_change
+            H_rho_inv = spd_inverse(xp, add_to_diagonal(xp, H_n, rho))
     if not converged:
         warnings.warn(f"admm_solve stopped at max_iters={max_iters} before reaching tol={tol:g} "
                       f"(primal residual {primal / scale:.2e}, dual {dual / scale:.2e}, relative); "
                       "a rank-deficient H with damping=0 converges slowly: set damping > 0 or "
                       "raise max_iters", ConvergenceWarning, stacklevel=2)
-    Z_user = _to_user(xp, pre, Z)
+    Z_user = _to_user(xp, factor, Z)
     if not return_state:
         return Z_user
-    return AdmmState(Z_user, _to_user(xp, pre, U), mask, iterations, converged)
+    return AdmmState(Z_user, _to_user(xp, factor, U), mask, iterations, converged)

@@ -41,6 +41,7 @@ from ._array import (
     common_compute_dtype,
     contiguous,
     diagonal_scale,
+    layer_input,
     resolve_namespace,
     spd_inverse,
     spd_solve,
@@ -83,7 +84,11 @@ class DoubleSparse:
         return self.A @ self.B
 
     def matmul(self, X: Any) -> Any:
-        """``X @ (A @ B)`` computed as ``(X @ A) @ B``, without forming the product."""
+        """``X @ (A @ B)`` computed as ``(X @ A) @ B``, without forming the product.
+
+        ``X`` has shape ``(..., d_in)``; it is computed in the factors' dtype.
+        """
+        _, X = layer_input(X, self.A, self.A.shape[0])
         return (X @ self.A) @ self.B
 
     @property

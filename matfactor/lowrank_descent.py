@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import array_api_compat
 import numpy as np
 from array_api_compat import is_cupy_namespace, is_torch_namespace
 
@@ -77,7 +78,7 @@ def _to_host(xp: Any, values: list[Any]) -> list[float]:
         return np.from_dlpack(stacked).tolist()
 
 
-def _balance(xp: Any, U: Any, V: Any) -> tuple[Any, Any]:
+def balance_columns(xp: Any, U: Any, V: Any) -> tuple[Any, Any]:
     """Rescale column pairs to ``‖u_k‖ = ‖v_k‖`` (``U Vᵀ`` unchanged).
 
     Adam moves every entry by about the learning rate whatever its gradient's scale, so a
@@ -93,6 +94,13 @@ def _balance(xp: Any, U: Any, V: Any) -> tuple[Any, Any]:
     return U * factor, V / factor
 
 
+def svd_start(xp: Any, target: Any, rank: int) -> tuple[Any, Any]:
+    """Balanced factors ``(A √σ, B √σ)`` of ``C_r(target)``, the truncated SVD."""
+    A, s, Bh = xp.linalg.svd(target, full_matrices=False)
+    root = xp.sqrt(s[None, :rank])
+    return A[:, :rank] * root, Bh[:rank, :].T * root
+
+
 def _initial_factors(xp: Any, device: Any, target: Any, rank: int, init: Any, scale: Any,
                      unit: float, dead: Any, rng: Any) -> tuple[Any, Any]:
     """``(U, V)`` in the normalised coordinates of the target ``T = D W / unit``."""
@@ -100,9 +108,7 @@ def _initial_factors(xp: Any, device: Any, target: Any, rank: int, init: Any, sc
     if init is None or (isinstance(init, str) and init == "svd"):
         # The best rank-r fit of the scaled target: with scaled=True this is Theorem 4.1's
         # minimiser for the diagonal of H (OATS's low-rank step), a cheap and good start.
-        A, s, Bh = xp.linalg.svd(target, full_matrices=False)
-        root = xp.sqrt(s[None, :rank])
-        return A[:, :rank] * root, Bh[:rank, :].T * root
+        return svd_start(xp, target, rank)
     if isinstance(init, str) and init == "random":
         # Algorithm 2's start: U = 0, V element-wise standard normal.
         V = random_normal(xp, (d_out, rank), dtype=target.dtype, device=device, rng=rng)
@@ -117,7 +123,7 @@ def _initial_factors(xp: Any, device: Any, target: Any, rank: int, init: Any, sc
         if not bool(xp.all(xp.isfinite(U)) & xp.all(xp.isfinite(V))):
             raise ValueError("init contains NaN or Inf")
         U = xp.where(dead[:, None], xp.zeros_like(U), U * (scale[:, None] / unit))
-        return _balance(xp, U, V)
+        return balance_columns(xp, U, V)
     raise TypeError(f"init must be None, 'svd', 'random' or a LowRank, got {init!r}")
 
 
@@ -213,6 +219,26 @@ def lowrank_gd(W: Any, H: Any, rank: int, *, iters: int = 200, lr: float = 1e-2,
     reference = xp.sum(target * HT)          # tr(Tᵀ H_n T): f at M = 0, normaliser of history
     if not float(reference) > 0:
         return zero_result  # tr(WᵀHW) = 0: W lies in the null space of H, M = 0 is exact
+    best_U, best_V, history = adam_lowrank(xp, H_n, HT, reference, U, V, iters=iters, lr=lr,
+                                           check_every=check_every)
+    U_user = xp.where(dead[:, None], xp.zeros_like(best_U), best_U * (unit / scale[:, None]))
+    return LowRank(U_user, best_V, tuple(history) if return_history else None)
+
+
+def adam_lowrank(xp: Any, H_n: Any, HT: Any, reference: Any, U: Any, V: Any, *, iters: int,
+                 lr: float, check_every: int) -> tuple[Any, Any, list[float]]:
+    """The Adam loop of Low-Rank-GD on prepared inputs: ``iters`` steps from ``(U, V)``.
+
+    Minimises ``f(U, V) = ⟨T, H_n T⟩ − 2⟨U, (H_n T) V⟩ + ⟨Uᵀ H_n U, VᵀV⟩`` (the expanded
+    objective of the module docstring) given ``HT = H_n T`` and ``reference = ⟨T, H_n T⟩ > 0``
+    as a 0-d array, without ever forming ``T``. Shared by :func:`lowrank_gd` and the
+    sparse-plus-low-rank alternation, which prepares ``H_n`` once for all its calls.
+
+    Returns the best iterate ``(U, V)`` and the history of ``f / reference``, one value per
+    evaluated iterate (``iters + 1``, the start first); divergence recovery as in
+    :func:`lowrank_gd`.
+    """
+    device = array_api_compat.device(U)
     inv_reference = 1.0 / reference
 
     def evaluate(U: Any, V: Any) -> tuple[Any, Any, Any]:
@@ -226,7 +252,7 @@ def lowrank_gd(W: Any, H: Any, rank: int, *, iters: int = 200, lr: float = 1e-2,
         return objective, grad_U, grad_V
 
     best_U, best_V = U, V
-    best = xp.asarray(math.inf, dtype=W.dtype, device=device)
+    best = xp.asarray(math.inf, dtype=U.dtype, device=device)
     history: list[float] = []
     window: list[Any] = []
     m_U, v_U = xp.zeros_like(U), xp.zeros_like(U)
@@ -269,5 +295,4 @@ def lowrank_gd(W: Any, H: Any, rank: int, *, iters: int = 200, lr: float = 1e-2,
         U = U - step * m_U / (xp.sqrt(v_U) / root_correction + _ADAM_EPS)
         V = V - step * m_V / (xp.sqrt(v_V) / root_correction + _ADAM_EPS)
 
-    U_user = xp.where(dead[:, None], xp.zeros_like(best_U), best_U * (unit / scale[:, None]))
-    return LowRank(U_user, best_V, tuple(history) if return_history else None)
+    return best_U, best_V, history

@@ -35,7 +35,7 @@ from ._array import (
     as_compute_matrix,
     chained_products,
     common_compute_dtype,
-    compute_dtype,
+    layer_input,
     pivoted_qr,
     resolve_namespace,
     solve_triangular,
@@ -140,14 +140,8 @@ class Pivoted:
         Y
             ``(..., d_out)``, on the factors' device.
         """
-        xp, _ = resolve_namespace(X=X, W_p=self.W_p)
         d_in, d_out = self.shape
-        if X.ndim < 1 or X.shape[-1] != d_in:
-            raise ValueError(f"X must have shape (..., d_in) with d_in = {d_in}, "
-                             f"got {tuple(X.shape)}")
-        compute_dtype(xp, X, "X")
-        if X.dtype != self.W_p.dtype:
-            X = xp.astype(X, self.W_p.dtype)
+        xp, X = layer_input(X, self.W_p, d_in)
         batch_shape = tuple(X.shape[:-1])
         X2 = xp.reshape(X, (-1, d_in)) if X.ndim != 2 else X
         Y = xp.take(chained_products(xp, X2, self.W_p, self.C), self.gather, axis=1)

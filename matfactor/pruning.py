@@ -163,21 +163,57 @@ def sparsegpt_prune(W: Any, H: Any, *, density: float | None = None,
         The pruned and updated weight; weights of dead inputs are zero.
     """
     problem = prepare_pruning_problem(W, H, density, pattern, needs_H=True)
-    xp, pattern, density = problem.xp, problem.pattern, problem.density
     if isinstance(damping, bool) or not (isinstance(damping, (int, float))
                                          and math.isfinite(damping) and damping > 0):
         raise ValueError(f"damping must be a positive number, got {damping!r}")
     if isinstance(block_size, bool) or not (isinstance(block_size, int) and block_size >= 1):
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    d_in, d_out = problem.W.shape
+    factor = sparsegpt_factor(problem.xp, problem.H, damping)
+    return sparsegpt_with_factor(problem.xp, problem.W, factor, problem.density, problem.pattern,
+                                 block_size)
+
+
+@dataclass(frozen=True)
+class SparseGptFactor:
+    """What SparseGPT needs of ``H``, computed once and reusable for any weight.
+
+    Attributes
+    ----------
+    U
+        Upper Cholesky factor of ``(H + λI)⁻¹`` (``H⁻¹ = UᵀU``): row ``i`` of ``U``, scaled by
+        ``1/U_ii``, is the optimal-brain-surgeon compensation of removing input ``i`` once the
+        inputs before it are fixed.
+    dead
+        Boolean vector of the dead inputs (``H_ii = 0``), whose weights are set to zero.
+    """
+
+    U: Any
+    dead: Any
+
+
+def sparsegpt_factor(xp: Any, H: Any, damping: float) -> SparseGptFactor:
+    """The ``O(d_in³)`` part of SparseGPT: damp ``H``, invert it, factor the inverse.
+
+    Separate from :func:`sparsegpt_with_factor` so that a caller pruning many weights against
+    one ``H`` (the sparse-plus-low-rank alternation, HASSLE-free section 4.3) pays it once.
+    """
+    H_damped, dead = damped_hessian(xp, H, damping)
+    return SparseGptFactor(cholesky(xp, spd_inverse(xp, H_damped)).T, dead)
+
+
+def sparsegpt_with_factor(xp: Any, W: Any, factor: SparseGptFactor, density: float,
+                          pattern: SparsityPattern, block_size: int) -> Any:
+    """SparseGPT's pruning sweep over validated inputs with a precomputed factor.
+
+    ``W`` in the compute dtype, ``density`` and ``pattern`` already checked (see
+    :func:`sparsegpt_prune` for the method). Costs about ``d_in² d_out`` flops (the lazy block
+    updates) and no factorization.
+    """
+    d_in, d_out = W.shape
     if pattern.kind == "n:m":
         block_size = max(pattern.m, block_size - block_size % pattern.m)
-
-    H_damped, dead = damped_hessian(xp, problem.H, damping)
-    W = xp.where(dead[:, None], xp.zeros_like(problem.W), problem.W)
-    # Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): row i of U, scaled by 1/U_ii, is the OBS
-    # compensation of removing input i given that inputs < i are already fixed.
-    U = cholesky(xp, spd_inverse(xp, H_damped)).T
+    U = factor.U
+    W = xp.where(factor.dead[:, None], xp.zeros_like(W), W)
 
     total_budget = nnz_budget((d_in, d_out), density, pattern)
     column_budget = keep_count(density, d_in) if pattern.kind == "per_output" else 0

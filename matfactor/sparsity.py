@@ -239,8 +239,13 @@ def wanda_scores(W: Any, H: Any) -> Any:
     return xp.abs(W) * input_norms[:, None]
 
 
-def mask_satisfies(mask: Any, density: float | None, pattern: str | SparsityPattern) -> bool:
+def mask_satisfies(mask: Any, density: float | None, pattern: str | SparsityPattern, *,
+                   exact: bool = True) -> bool:
     """True when the boolean ``mask`` meets ``pattern`` and keeps exactly its ``nnz_budget``.
+
+    With ``exact=False``, true when it keeps at most the pattern's count in every unit (the
+    whole matrix, each output column, each group of ``m``): the test for the support
+    ``W != 0`` of a pruned weight, where a kept weight may happen to be zero (dead inputs).
 
     Raises
     ------
@@ -260,9 +265,10 @@ def mask_satisfies(mask: Any, density: float | None, pattern: str | SparsityPatt
     _check_shape_fits(pattern, d_in)
     counts = xp.astype(mask, xp.int64)
     if pattern.kind == "unstructured":
-        return int(xp.sum(counts)) == keep_count(density, d_in * d_out)
-    if pattern.kind == "per_output":
-        return bool(xp.all(xp.sum(counts, axis=0) == keep_count(density, d_in)))
-    per_group = xp.sum(xp.reshape(counts, (d_in // pattern.m, pattern.m, d_out)), axis=1)
-    return bool(xp.all(per_group == pattern.n))
-
+        kept, allowed = xp.sum(counts), keep_count(density, d_in * d_out)
+    elif pattern.kind == "per_output":
+        kept, allowed = xp.sum(counts, axis=0), keep_count(density, d_in)
+    else:
+        kept = xp.sum(xp.reshape(counts, (d_in // pattern.m, pattern.m, d_out)), axis=1)
+        allowed = pattern.n
+    return bool(xp.all(kept == allowed)) if exact else bool(xp.all(kept <= allowed))

@@ -36,6 +36,7 @@ from ._array import (
     as_compute_matrix,
     check_gram,
     common_compute_dtype,
+    layer_input,
     random_normal,
     resolve_namespace,
 )
@@ -100,12 +101,7 @@ class LowRank:
 
         ``X`` has shape ``(..., d_in)``; it is computed in the factors' dtype.
         """
-        xp, _ = resolve_namespace(X=X, U=self.U)
-        if X.ndim < 1 or X.shape[-1] != self.U.shape[0]:
-            raise ValueError(f"X must have shape (..., {self.U.shape[0]}) to multiply a "
-                             f"{self.shape} weight, got {tuple(X.shape)}")
-        if X.dtype != self.U.dtype:
-            X = xp.astype(X, self.U.dtype)
+        _, X = layer_input(X, self.U, self.U.shape[0])
         return (X @ self.U) @ self.V.T
 
     def rel_error(self, W: Any, H: Any | None = None) -> float:
@@ -358,18 +354,51 @@ def weighted_lowrank(W: Any, H: Any, rank: int, *, damping: float = 0.0) -> LowR
     H_n, scale, dead = diagonal_scaling(xp, H, damping)
     # Work on D W / √h̄: the scaled problem of eq. (7), independent of the scale of H.
     W_n = xp.where(dead[:, None], xp.zeros_like(W), W * scale[:, None])
-    eigenvalues, Q = xp.linalg.eigh(H_n)
-    threshold = math.sqrt(W.shape[0]) * float(xp.finfo(W.dtype).eps) * xp.max(eigenvalues)
-    in_range = eigenvalues > threshold
-    root = xp.sqrt(xp.where(in_range, eigenvalues, xp.zeros_like(eigenvalues)))
-    QtW = Q.T @ W_n
-    _, _, Vh = xp.linalg.svd(QtW * root[:, None], full_matrices=False)
-    V = Vh[:rank, :].T
-    # U = D⁻¹ P D W V with P = Q diag(in_range) Qᵀ: a projector, never a division by √e.
-    projected = Q @ xp.where(in_range[:, None], QtW @ V, xp.zeros_like(QtW[:, :rank]))
-    U = xp.where(dead[:, None], xp.zeros_like(projected), projected / scale[:, None])
+    U_n, V = whitened_lowrank(xp, W_n, whiten(xp, H_n), rank)
+    U = xp.where(dead[:, None], xp.zeros_like(U_n), U_n / scale[:, None])
     U, V = fix_signs(xp, U, V)
     return LowRank(U, V)
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """``H_n = Q diag(e) Qᵀ`` prepared for :func:`whitened_lowrank`, computed once per ``H``.
+
+    ``Q = None`` stands for the identity (``H_n`` diagonal with a unit diagonal on the live
+    inputs, as the diagonal scaling makes any diagonal ``H``): no eigendecomposition, no GEMM.
+    """
+
+    Q: Any | None   # eigenvectors, (d_in, d_in), or None for the identity
+    root: Any       # √e where e is in the range of H_n, else 0
+    in_range: Any   # boolean: eigenvalue above the rounding level of the eigendecomposition
+
+
+def whiten(xp: Any, H_n: Any) -> Whitening:
+    """Eigendecomposition of the scaled Gram matrix, with eigenvalues at rounding level zeroed."""
+    eigenvalues, Q = xp.linalg.eigh(H_n)
+    threshold = math.sqrt(H_n.shape[0]) * float(xp.finfo(H_n.dtype).eps) * xp.max(eigenvalues)
+    in_range = eigenvalues > threshold
+    return Whitening(Q, xp.sqrt(xp.where(in_range, eigenvalues, xp.zeros_like(eigenvalues))),
+                     in_range)
+
+
+def identity_whitening(xp: Any, live: Any, dtype: Any) -> Whitening:
+    """The :class:`Whitening` of a diagonal ``H_n`` that is 1 on ``live`` inputs, 0 elsewhere."""
+    return Whitening(None, xp.astype(live, dtype), live)
+
+
+def whitened_lowrank(xp: Any, W_n: Any, whitening: Whitening, rank: int) -> tuple[Any, Any]:
+    """The exact rank-``r`` minimiser of ``tr((W_n − M)ᵀ H_n (W_n − M))`` (see weighted_lowrank).
+
+    Returns ``(U, V)`` with ``M = U Vᵀ``, ``V`` orthonormal (signs not fixed). Cost with a full
+    ``Q``: two GEMMs with ``Q`` and the SVD of the ``(d_in, d_out)`` whitened matrix.
+    """
+    QtW = W_n if whitening.Q is None else whitening.Q.T @ W_n
+    _, _, Vh = xp.linalg.svd(QtW * whitening.root[:, None], full_matrices=False)
+    V = Vh[:rank, :].T
+    # U = P W_n V with P = Q diag(in_range) Qᵀ: a projector, never a division by √e.
+    projected = xp.where(whitening.in_range[:, None], QtW @ V, xp.zeros_like(QtW[:, :rank]))
+    return (projected if whitening.Q is None else whitening.Q @ projected), V
 
 
 def lowrank_rank_for_density(shape: tuple[int, int], density: float) -> int:
