@@ -13,6 +13,13 @@ from .exceptions import ConvergenceWarning
 from .lowrank_descent import hassle_free_learning_rate, lowrank_gd
 from .pifa import Pivoted, pifa_from_dense, pifa_from_factors, pifa_rank_for_density
 from .pruning import Pruner, magnitude_prune, sparsegpt_prune, wanda_prune
+from .sparse_lowrank import (
+    SparseLowRankBudget,
+    SparsePlusLowRank,
+    sparse_lowrank_budget,
+    sparse_lowrank_rank,
+    sparse_plus_lowrank,
+)
 from .reconstruct import ReconstructionStatistics, mpifa, mpifa_lowrank, update_U, update_V
 from .sparsity import (
     SparsityPattern,
@@ -34,6 +41,8 @@ __all__ = [
     "Pivoted",
     "Pruner",
     "ReconstructionStatistics",
+    "SparseLowRankBudget",
+    "SparsePlusLowRank",
     "SparsityPattern",
     "SylvesterSolver",
     "admm_prune",
@@ -55,6 +64,9 @@ __all__ = [
     "pifa_from_factors",
     "pifa_rank_for_density",
     "randomized_svd",
+    "sparse_lowrank_budget",
+    "sparse_lowrank_rank",
+    "sparse_plus_lowrank",
     "sparsegpt_prune",
     "truncated_svd",
     "update_U",
