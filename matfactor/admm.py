@@ -111,6 +111,18 @@ def _check_parameter(name: str, value: Any, *, minimum: float, strict: bool) -> 
     return float(value)
 
 
+def check_admm_prune_options(iters: Any, gradual_iters: Any, damping: Any, rho: Any,
+                             ) -> tuple[int, int, float, float]:
+    """The options of :func:`admm_prune`, validated, else a ``ValueError`` naming the first bad one."""
+    iters = check_count("iters", iters, 1)
+    gradual_iters = check_count("gradual_iters", gradual_iters, 0)
+    if gradual_iters > iters:
+        raise ValueError(f"gradual_iters ({gradual_iters}) must not exceed iters ({iters})")
+    damping = _check_parameter("damping", damping, minimum=0.0, strict=False)
+    rho = _check_parameter("rho", rho, minimum=0.0, strict=True)
+    return iters, gradual_iters, damping, rho
+
+
 def _check_warm_start(xp: Any, warm_start: AdmmState | None, shape: tuple[int, ...]) -> None:
     if warm_start is None:
         return
@@ -204,12 +216,7 @@ def admm_prune(W: Any, H: Any, *, density: float | None = None,
         The pruned weight in the compute dtype, meeting ``pattern`` and its budget exactly.
     """
     problem = prepare_pruning_problem(W, H, density, pattern, needs_H=True)
-    iters = check_count("iters", iters, 1)
-    gradual_iters = check_count("gradual_iters", gradual_iters, 0)
-    if gradual_iters > iters:
-        raise ValueError(f"gradual_iters ({gradual_iters}) must not exceed iters ({iters})")
-    damping = _check_parameter("damping", damping, minimum=0.0, strict=False)
-    rho = _check_parameter("rho", rho, minimum=0.0, strict=True)
+    iters, gradual_iters, damping, rho = check_admm_prune_options(iters, gradual_iters, damping, rho)
     xp = problem.xp
     _check_warm_start(xp, warm_start, tuple(problem.W.shape))
 

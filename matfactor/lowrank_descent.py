@@ -94,13 +94,6 @@ def balance_columns(xp: Any, U: Any, V: Any) -> tuple[Any, Any]:
     return U * factor, V / factor
 
 
-def svd_start(xp: Any, target: Any, rank: int) -> tuple[Any, Any]:
-    """Balanced factors ``(A √σ, B √σ)`` of ``C_r(target)``, the truncated SVD."""
-    A, s, Bh = xp.linalg.svd(target, full_matrices=False)
-    root = xp.sqrt(s[None, :rank])
-    return A[:, :rank] * root, Bh[:rank, :].T * root
-
-
 def _initial_factors(xp: Any, device: Any, target: Any, rank: int, init: Any, scale: Any,
                      unit: float, dead: Any, rng: Any) -> tuple[Any, Any]:
     """``(U, V)`` in the normalised coordinates of the target ``T = D W / unit``."""
@@ -108,7 +101,9 @@ def _initial_factors(xp: Any, device: Any, target: Any, rank: int, init: Any, sc
     if init is None or (isinstance(init, str) and init == "svd"):
         # The best rank-r fit of the scaled target: with scaled=True this is Theorem 4.1's
         # minimiser for the diagonal of H (OATS's low-rank step), a cheap and good start.
-        return svd_start(xp, target, rank)
+        A, s, Bh = xp.linalg.svd(target, full_matrices=False)
+        root = xp.sqrt(s[None, :rank])
+        return A[:, :rank] * root, Bh[:rank, :].T * root
     if isinstance(init, str) and init == "random":
         # Algorithm 2's start: U = 0, V element-wise standard normal.
         V = random_normal(xp, (d_out, rank), dtype=target.dtype, device=device, rng=rng)

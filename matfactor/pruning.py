@@ -163,14 +163,19 @@ def sparsegpt_prune(W: Any, H: Any, *, density: float | None = None,
         The pruned and updated weight; weights of dead inputs are zero.
     """
     problem = prepare_pruning_problem(W, H, density, pattern, needs_H=True)
+    check_sparsegpt_options(damping, block_size)
+    factor = sparsegpt_factor(problem.xp, problem.H, damping)
+    return sparsegpt_with_factor(problem.xp, problem.W, factor, problem.density, problem.pattern,
+                                 block_size)
+
+
+def check_sparsegpt_options(damping: Any, block_size: Any) -> None:
+    """SparseGPT's ``damping > 0`` and ``block_size >= 1``, else a ``ValueError`` naming them."""
     if isinstance(damping, bool) or not (isinstance(damping, (int, float))
                                          and math.isfinite(damping) and damping > 0):
         raise ValueError(f"damping must be a positive number, got {damping!r}")
     if isinstance(block_size, bool) or not (isinstance(block_size, int) and block_size >= 1):
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    factor = sparsegpt_factor(problem.xp, problem.H, damping)
-    return sparsegpt_with_factor(problem.xp, problem.W, factor, problem.density, problem.pattern,
-                                 block_size)
 
 
 @dataclass(frozen=True)

@@ -51,11 +51,11 @@ from ._array import (
     random_normal,
     resolve_namespace,
 )
-from .admm import admm_factor, admm_prune_with_factor
+from .admm import admm_factor, admm_prune_with_factor, check_admm_prune_options
 from .error import layer_error, weighted_sq_norm
-from .lowrank_descent import adam_lowrank, balance_columns, hassle_free_learning_rate, svd_start
+from .lowrank_descent import adam_lowrank, balance_columns, hassle_free_learning_rate
 from .pifa import Pivoted, pifa_from_factors
-from .pruning import sparsegpt_factor, sparsegpt_with_factor
+from .pruning import check_sparsegpt_options, sparsegpt_factor, sparsegpt_with_factor
 from .sparsity import (
     SparsityPattern,
     _mask,
@@ -69,6 +69,7 @@ from .svd import (
     check_rank,
     diagonal_scaling,
     identity_whitening,
+    randomized_svd,
     whiten,
     whitened_lowrank,
 )
@@ -308,6 +309,11 @@ def _sparse_step(xp: Any, pruner: str | Callable[..., Any], H_method: Any, densi
         return user_step
 
     settings = {**PRUNER_OPTIONS[pruner], **options}
+    if pruner == "sparsegpt":
+        check_sparsegpt_options(settings["damping"], settings["block_size"])
+    if pruner == "admm":
+        settings = dict(zip(("iters", "gradual_iters", "damping", "rho"), check_admm_prune_options(
+            settings["iters"], settings["gradual_iters"], settings["damping"], settings["rho"])))
     if pruner == "magnitude":
         return lambda target: xp.where(_mask(xp, xp.abs(target), density, pattern), target,
                                        xp.zeros_like(target))
@@ -355,6 +361,7 @@ class _LowRankCoordinates:
     dead: Any
     unit: float
     whitening: Any      # for the exact step, else None
+    reference: float    # ⟨W, H_n W⟩ in these coordinates: f here / reference = f / tr(WᵀHW)
 
     def to_scaled(self, xp: Any, A: Any) -> Any:
         return xp.where(self.dead[:, None], xp.zeros_like(A), A * (self.scale[:, None] / self.unit))
@@ -375,7 +382,9 @@ def _lowrank_coordinates(xp: Any, W: Any, H_method: Any, hessian: str, lowrank: 
     if lowrank == "exact":
         # A diagonal H is the identity on the live inputs once scaled: no eigendecomposition.
         whitening = whiten(xp, H_n) if hessian == "full" else identity_whitening(xp, ~dead, W.dtype)
-    return _LowRankCoordinates(H_n, scale, dead, unit, whitening)
+    scaled_W = scaled_W / unit
+    return _LowRankCoordinates(H_n, scale, dead, unit, whitening,
+                               float(xp.sum(scaled_W * (H_n @ scaled_W))))
 
 
 # --------------------------------------------------------------------------- validation
@@ -500,8 +509,8 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
         default on). Changes the path of gradient descent only, not the exact step.
     init
         Start. ``None``: ``S = 0, M = 0`` (Algorithm 2), with Low-Rank-GD's first call started
-        from the diagonal-Hessian minimiser ``D⁻¹ C_r(D (W − S₁))`` (Theorem 4.1) rather than the
-        paper's random factors; ``"random"``: the paper's ``U = 0``, ``V`` standard normal
+        from the diagonal-Hessian minimiser ``D⁻¹ C_r(D (W − S₁))`` (Theorem 4.1, by
+        :func:`~matfactor.svd.randomized_svd`) rather than the paper's random factors; ``"random"``: the paper's ``U = 0``, ``V`` standard normal
         (drawn with ``rng``); a :class:`SparsePlusLowRank` or :class:`~matfactor.svd.LowRank`
         (``S = 0``) to continue from, e.g. a previous result: it is iterate 0.
     pruner_options
@@ -509,7 +518,8 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
         0.01 and 128), ``iters``, ``gradual_iters``, ``damping`` and ``rho`` for ADMM; for a
         callable, anything it accepts.
     rng
-        Seed or generator for ``init="random"``.
+        Seed or generator for ``init="random"`` and for the randomized SVD that starts
+        Low-Rank-GD by default (``None``: seed 0, so that the default result is reproducible).
 
     Returns
     -------
@@ -580,6 +590,14 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
     def relative_objective(S: Any, U: Any, V: Any) -> float:
         return float(weighted_sq_norm(xp, W - S - U @ V.T, H)) / reference
 
+    def relative_objective_gd(T: Any, HT: Any, U_n: Any, V_n: Any) -> float:
+        # f in scaled coordinates from the product H_n T that Low-Rank-GD has already formed,
+        # with thin GEMMs only: f = ⟨Δ, H_n Δ⟩, Δ = T − U Vᵀ, H_n Δ = H_n T − (H_n U) Vᵀ. As
+        # accurate as forming H_n Δ (the expanded form of Low-Rank-GD's own objective loses
+        # eps · ⟨T, H_n T⟩, too much in float32 when the low-rank part removes most of T).
+        residual = T - U_n @ V_n.T
+        return float(xp.sum(residual * (HT - (coordinates.H_n @ U_n) @ V_n.T))) / coordinates.reference
+
     if start is None:
         S = xp.zeros_like(W)
         U = xp.zeros((d_in, rank), dtype=dtype, device=device)
@@ -601,8 +619,10 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
             U_n, V_n = whitened_lowrank(xp, T, coordinates.whitening, rank)
         else:
             if t == 1 and cold_gd_start:
-                # The diagonal-Hessian minimiser (Theorem 4.1) in scaled coordinates.
-                U_n, V_n = svd_start(xp, T, rank)
+                # The diagonal-Hessian minimiser (Theorem 4.1) in scaled coordinates, by the
+                # randomized SVD: a start needs no full SVD (which costs ~25 GEMMs at 1024²).
+                start_svd = randomized_svd(T, rank, rng=0 if rng is None else rng)
+                U_n, V_n = balance_columns(xp, start_svd.U, start_svd.V)
             HT = coordinates.H_n @ T
             residual_norm = xp.sum(T * HT)
             if float(residual_norm) > 0:
@@ -612,7 +632,9 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
             else:  # S reproduces W on the live inputs: M = 0 is exact
                 U_n = xp.zeros_like(U_n)
         U, V = coordinates.to_user(xp, U_n), V_n
-        history.append(relative_objective(S, U, V))
+        # With the full Hessian and Low-Rank-GD, the true objective comes without a new GEMM.
+        history.append(relative_objective_gd(T, HT, U_n, V_n)
+                       if hessian == "full" and lowrank == "gd" else relative_objective(S, U, V))
         if history[-1] < history[best_iteration]:
             best, best_iteration = (S, U, V), t
     S, U, V = best

@@ -265,8 +265,9 @@ def randomized_svd(W: Any, rank: int, *, oversampling: int = 10, power_iters: in
     rank
         ``r`` in ``[1, min(d_in, d_out)]``.
     oversampling
-        Extra sketch columns (Halko et al. recommend 5 to 10); the sketch width is capped at
-        ``min(d_in, d_out)``, where the result is exact.
+        Extra sketch columns (Halko et al. recommend 5 to 10). If ``rank + oversampling``
+        reaches ``min(d_in, d_out)``, the full SVD (:func:`truncated_svd`) is returned: exact,
+        and no dearer than a sketch that wide.
     power_iters
         Subspace iterations ``q``; ``None`` picks :func:`default_power_iters`.
     rng
@@ -290,6 +291,10 @@ def randomized_svd(W: Any, rank: int, *, oversampling: int = 10, power_iters: in
     A = W.T if transpose else W
     sketch_width = min(rank + oversampling, min(W.shape))
     omega = random_normal(xp, (A.shape[1], sketch_width), dtype=A.dtype, device=device, rng=rng)
+    if sketch_width == min(W.shape):
+        # A sketch as wide as the matrix spans all of it: the full SVD is then exact and no
+        # dearer, while a square Gaussian sketch may be ill-conditioned (float32 loses digits).
+        return truncated_svd(W, rank)
     Q, _ = xp.linalg.qr(A @ omega)
     for _ in range(power_iters):
         Z, _ = xp.linalg.qr(A.T @ Q)

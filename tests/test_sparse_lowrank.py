@@ -300,6 +300,8 @@ def test_bad_input_is_named():
         (dict(lowrank_iters=0), ValueError, "lowrank_iters"),
         (dict(lr=-1.0), ValueError, "lr"),
         (dict(pruner_options={"dampening": 0.1}), TypeError, "dampening"),
+        (dict(pruner_options={"damping": -0.1}), ValueError, "damping must be a positive"),
+        (dict(pruner="admm", pruner_options={"gradual_iters": 30}), ValueError, "gradual_iters"),
         (dict(init="svd"), ValueError, "init"),
         (dict(init=LowRank(np.zeros((32, 3)), np.zeros((24, 3)))), ValueError, "init"),
     ]
