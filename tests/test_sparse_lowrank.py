@@ -327,3 +327,14 @@ def test_bad_input_is_named():
         sparse_lowrank_budget((0, 24), 0.5, 0.3)
     with pytest.raises(ValueError, match="SparsePlusLowRank needs"):
         SparsePlusLowRank(np.zeros((4, 3)), np.zeros((4, 2)), np.zeros((4, 2)))
+
+
+def test_half_precision_input_is_computed_in_float32(backend):
+    if backend.name == "array_api_strict":
+        pytest.skip("the strict namespace has no half precision")
+    problem = realistic_layer(32, 24, seed=6)
+    W, H = backend.asarray(problem.W, "float16"), backend.asarray(problem.H, "float32")
+    result = sparse_plus_lowrank(W, H, 2, pattern="2:4", iters=2, lowrank_iters=5)
+    for part in (result.S, result.U, result.V):
+        assert part.dtype == backend.dtype("float32") and backend.same_device(part)
+    assert np.all(np.isfinite(result.history)) and min(result.history) < 1.0
