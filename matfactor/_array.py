@@ -11,6 +11,7 @@ standard, which is what ``array_api_strict`` exercises in the tests.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Any
 
@@ -192,6 +193,26 @@ def check_count(name: str, value: Any, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def check_positive(name: str, value: Any) -> float:
+    """A finite real ``value > 0`` as a float, else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_shape(shape: Any) -> tuple[int, int]:
+    """``shape`` as a pair of positive ints ``(d_in, d_out)``, else a ``ValueError``."""
+    try:
+        d_in, d_out = (operator.index(n) for n in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be a pair of positive integers (d_in, d_out), "
+                         f"got {shape!r}") from None
+    if d_in < 1 or d_out < 1:
+        raise ValueError(f"shape must be a pair of positive integers (d_in, d_out), got {shape!r}")
+    return d_in, d_out
 
 
 def _numpy_generator(rng: Any) -> np.random.Generator:

@@ -36,7 +36,7 @@ import array_api_compat
 import numpy as np
 from array_api_compat import is_cupy_namespace, is_torch_namespace
 
-from ._array import check_count, random_normal, resolve_namespace
+from ._array import check_count, check_positive, random_normal, resolve_namespace
 from .svd import (
     LowRank,
     _prepare_W,
@@ -190,9 +190,7 @@ def lowrank_gd(W: Any, H: Any, rank: int, *, iters: int = 200, lr: float = 1e-2,
     iters = check_count("iters", iters, 0)
     check_every = check_count("check_every", check_every, 1)
     damping = check_damping(damping)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    lr = float(lr)
+    lr = check_positive("lr", lr)
 
     H_n, scale, dead = diagonal_scaling(xp, H, damping)
     if not scaled:

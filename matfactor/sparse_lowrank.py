@@ -46,6 +46,8 @@ from ._array import (
     as_compute_matrix,
     check_count,
     check_gram,
+    check_positive,
+    check_shape,
     common_compute_dtype,
     layer_input,
     random_normal,
@@ -203,17 +205,6 @@ class SparseLowRankBudget(NamedTuple):
     nnz: int
 
 
-def _check_shape(shape: Any) -> tuple[int, int]:
-    try:
-        d_in, d_out = (int(n) for n in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"shape must be a pair of positive integers (d_in, d_out), "
-                         f"got {shape!r}") from None
-    if d_in < 1 or d_out < 1:
-        raise ValueError(f"shape must be a pair of positive integers (d_in, d_out), got {shape!r}")
-    return d_in, d_out
-
-
 def _check_fraction(name: str, value: Any, *, closed_low: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or not (0 <= value < 1 if closed_low else 0 < value < 1):
@@ -249,7 +240,7 @@ def sparse_lowrank_rank(shape: tuple[int, int], compression: float, *,
     ValueError
         If the sparse part alone exceeds the budget ``(1 − ρ) d_in d_out``.
     """
-    d_in, d_out = _check_shape(shape)
+    d_in, d_out = check_shape(shape)
     compression = _check_fraction("compression", compression, closed_low=True)
     pattern = parse_pattern(pattern)
     density = check_density(density, pattern)
@@ -286,7 +277,7 @@ def sparse_lowrank_budget(shape: tuple[int, int], compression: float,
         ``(rank, density, nnz)``; pass ``rank`` and ``density`` to :func:`sparse_plus_lowrank`
         with ``pattern="unstructured"``.
     """
-    d_in, d_out = _check_shape(shape)
+    d_in, d_out = check_shape(shape)
     compression = _check_fraction("compression", compression, closed_low=True)
     rank_ratio = _check_fraction("rank_ratio", rank_ratio, closed_low=False)
     kept = (1.0 - compression) * d_in * d_out
@@ -411,13 +402,6 @@ def _check_pruner(pruner: Any, options: Any) -> tuple[str | Callable[..., Any], 
         raise TypeError(f"pruner_options {unknown} are not options of pruner '{pruner}' "
                         f"(its options: {known})")
     return pruner, dict(options)
-
-
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _initial_point(xp: Any, init: Any, W: Any, rank: int) -> tuple[Any, Any, Any] | None:
@@ -569,7 +553,7 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
                             LOWRANK_STEPS)
     iters = check_count("iters", iters, 1)
     lowrank_iters = check_count("lowrank_iters", lowrank_iters, 1)
-    lr = _check_positive("lr", lr)
+    lr = check_positive("lr", lr)
     start = _initial_point(xp, init, W, rank)
 
     reference = float(weighted_sq_norm(xp, W, H))

@@ -35,6 +35,7 @@ from ._array import (
     add_to_diagonal,
     as_compute_matrix,
     check_gram,
+    check_shape,
     common_compute_dtype,
     layer_input,
     random_normal,
@@ -422,13 +423,7 @@ def lowrank_rank_for_density(shape: tuple[int, int], density: float) -> int:
         ``r >= 0``; 0 means not even a rank-1 factorization fits. Never above
         ``min(d_in, d_out)`` (at density 1 the largest fit is below it).
     """
-    try:
-        d_in, d_out = (operator.index(n) for n in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"shape must be a pair of positive integers (d_in, d_out), "
-                         f"got {shape!r}") from None
-    if d_in < 1 or d_out < 1:
-        raise ValueError(f"shape must be a pair of positive integers (d_in, d_out), got {shape!r}")
+    d_in, d_out = check_shape(shape)
     if isinstance(density, bool) or not isinstance(density, (int, float)) \
             or not 0 < density <= 1:
         raise ValueError(f"density must be a number in (0, 1], got {density!r}")
