@@ -229,6 +229,40 @@ class ReconstructionStatistics:
         HW = _cast(H, dtype) @ W
         return HW if mix == 0.0 else HW + mix * (_cast(self.error_cross, dtype) @ W)
 
+    def target_weight(self, W: Any, mix: float = 0.25, alpha: float = 1e-3) -> Any:
+        """The weight ``T`` that any compression method should approximate under ``H``.
+
+        Completing the square in the regularised objective (module docstring),
+        ``‖Y_t − X_u Ŵ‖²_F + a‖W − Ŵ‖²_F = tr((Ŵ − T)ᵀ (H + aI) (Ŵ − T)) + const`` with
+        ``(H + aI) T = G + aW``. So error-accumulation correction (section 4) is not specific
+        to low rank: pruning ``T`` under ``H + aI`` (SparseGPT, ADMM, DSF, ...) minimises the
+        mixed-target objective of eq. (7) over that method's structure. ``mix = 0`` gives
+        ``T = W`` up to the regulariser: ``(H + aI)⁻¹(H + aI)W = W``.
+
+        Parameters
+        ----------
+        W
+            ``(d_in, d_out)`` dense weight of the layer.
+        mix
+            ``λ`` of eq. (7) in ``[0, 1]``.
+        alpha
+            ``a = alpha · mean(diag H)`` (eq. 9), which keeps ``H + aI`` invertible for dead
+            inputs and few samples; must be ``> 0`` unless ``H`` is nonsingular.
+
+        Returns
+        -------
+        T
+            ``(d_in, d_out)`` in the compute dtype, on ``W``'s device.
+        """
+        alpha = _check_alpha(alpha)
+        G = self.target(W, mix)
+        xp, _ = resolve_namespace(statistics=self.H, W=W)
+        W = as_compute_matrix(xp, W, "W", G.dtype)
+        if _check_mix(mix) == 0.0:
+            return W
+        reg = _Regularised(xp, _cast(self.H, G.dtype), G, W, alpha)
+        return reg.solve_H(reg.G)
+
     def objective(self, W: Any, W_hat: Any, mix: float = 0.25, alpha: float = 0.0) -> float:
         """The relative reconstruction objective of ``W_hat`` (eqs. 6–7, with eq. 9's term).
 

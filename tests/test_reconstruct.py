@@ -108,6 +108,29 @@ def test_objective_matches_its_definition(backend, dtype_name):
         assert got == pytest.approx(expected, rel=1e3 * eps(dtype_name))
 
 
+@pytest.mark.parametrize("mix", [0.0, 0.5, 1.0])
+def test_target_weight_completes_the_square(backend, dtype_name, mix):
+    """``f(Ŵ) = tr((Ŵ − T)ᵀ (H + aI) (Ŵ − T)) + const``: differences of f are quadratic forms in Ŵ − T."""
+    W, X_o, X_u = two_streams(32, 24, 200, 0.3, seed=5)
+    statistics = accumulate(backend, X_o, X_u, dtype_name, 64)
+    alpha = 1e-2
+    T = backend.to_numpy(statistics.target_weight(backend.asarray(W, dtype_name), mix, alpha)).astype(float)
+    assert T.shape == W.shape and backend.same_device(statistics.target_weight(
+        backend.asarray(W, dtype_name), mix, alpha))
+    a = alpha * np.mean(np.diag(X_u.T @ X_u))
+    H_a = X_u.T @ X_u + a * np.eye(32)
+    rng = np.random.default_rng(6)
+    target_norm = np.sum(((mix * X_o + (1 - mix) * X_u) @ W) ** 2)
+    for _ in range(3):
+        W_1, W_2 = (W + 0.2 * rng.standard_normal(W.shape) * np.abs(W).mean() for _ in range(2))
+        quadratic = [np.sum((Wh - T) * (H_a @ (Wh - T))) for Wh in (W_1, W_2)]
+        brute = [brute_objective(W, Wh, X_o, X_u, mix, a) for Wh in (W_1, W_2)]
+        assert (brute[0] - brute[1]) * target_norm == pytest.approx(
+            quadratic[0] - quadratic[1], rel=1e4 * eps(dtype_name), abs=1e3 * eps(dtype_name) * target_norm)
+    if mix == 0.0:
+        np.testing.assert_allclose(T, W, rtol=10 * eps(dtype_name))
+
+
 # --------------------------------------------------------------------------- factor updates
 
 
