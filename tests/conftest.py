@@ -42,3 +42,13 @@ def dtype_name(request):
 def xp(backend):
     """The array namespace of the backend under test."""
     return backend.xp
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Small torch problems in one thread: more only contend with the rest of a loaded machine."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,707 @@
+"""Checkpoints of compressed models: packed safetensors weights and a manifest, validated on load.
+
+A checkpoint is a directory:
+
+``config.json``
+    For a Hugging Face model (``transformers.PreTrainedModel``): ``model.config.save_pretrained``.
+tokenizer files
+    When a tokenizer is given (``tokenizer.save_pretrained``): ``AutoTokenizer.from_pretrained``
+    reads the directory.
+``model.safetensors``
+    Every tensor. The model's state dict outside the compressed modules, under its usual names
+    (a tensor tied to another one is stored once and listed as an alias); each compressed
+    module's tensors under ``<module name>.<tensor>``, a sparse one packed as
+    ``<module name>.<tensor>.values`` and ``<module name>.<tensor>.bitmask``.
+``matfactor.json``
+    The manifest (:data:`MANIFEST_NAME`), written last and atomically (a temporary file, then
+    ``os.replace``), after any previous one was removed: a directory whose saving did not finish
+    has no manifest, and loading it fails.
+
+Packing. A sparse matrix (a :class:`~matfactor.adapters.modules.SparseLinear` or
+:class:`~matfactor.adapters.modules.SparseConv2d` weight, a double sparse ``A`` and ``B``, the
+sparse part of a sparse plus low-rank layer) is stored as its nonzeros in row-major order (of the
+tensor as the module holds it), in its own dtype, and a bitmask of its shape, one bit per element
+in row-major order, most significant bit first (``numpy.packbits``), ``uint8``. With ``b`` bytes
+per value that is ``density·b + 1/8`` bytes per element: at density 0.5, 0.531 of the dense
+bytes in float32 (``0.5 + 1/32``), 0.5625 in float16 and bfloat16 (``0.5 + 1/16``), 0.516 in
+float64; packing beats dense storage below a density of ``1 − 1/(8b)`` (0.97 in float32, 0.94 in
+half precision). A double sparse layer pays for two masks, ``d_in·k + k·d_out`` bits: a square
+one at total density 0.5 takes ``0.5 + 1/(4b)`` of its dense bytes, 0.5625 in float32 and 0.625 in
+half precision. Low-rank and PIFA factors are stored dense, pivot indices as ``int32``.
+
+The manifest (``format`` :data:`FORMAT`, ``format_version`` :data:`FORMAT_VERSION`)::
+
+    {"format", "format_version", "matfactor_version",
+     "model_class": type(model).__name__, "architectures": config.architectures or null,
+     "dtype": the dtype of the model's first floating-point parameter,
+     "weights": {"file": "model.safetensors", "sha256", "bytes"},
+     "state": {key: {"shape", "dtype"}},          # the tensors outside the compressed modules
+     "aliases": {key: stored key},                # tied tensors, stored once
+     "modules": {module name: {
+         "kind": "sparse_linear" | "double_sparse_linear" | "lowrank_linear" | "pifa_linear"
+                 | "sparse_lowrank_linear" | "sparse_conv2d" | "unfolded_conv2d",
+         "inner_kind": the linear kind inside an unfolded_conv2d, else null,
+         "shape": [d_in, d_out], "dtype", "bias": bool,
+         "conv": {"in_channels", "out_channels", "kernel_size", "stride", "padding",
+                  "dilation"} or null,
+         "pattern", "density", "compression", "n_params", "nnz" (null without sparse tensors),
+         "dense_bytes", "stored_bytes",
+         "tensors": {name: {"layout": "dense", "key", "shape", "dtype"}
+                           | {"layout": "bitmask", "shape", "dtype", "nnz",
+                              "values": {"key", "shape", "dtype"},
+                              "bitmask": {"key", "shape", "dtype"}}}}}}
+
+Loading checks, each failure a :class:`CheckpointError` naming the file, tensor or module: the
+manifest and weights file exist and parse; the weights' sha256 (a damaged file); every tensor of
+the file is described by the manifest, once, with its shape and dtype, and none is missing;
+bitmasks have as many set bits as there are values and none past the end; the compressed
+modules' values are finite, their sparse parts meet their pattern and density, their pivots are
+a permutation of the output channels; every manifest module exists in the model as a layer of
+the same type, matrix shape and convolution geometry, and the remaining tensors match the
+model's state dict. All of it is checked before the model is modified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import matfactor
+
+from .layers import is_compressible, weight_matrix
+from .modules import (
+    CompressedModule,
+    DoubleSparseLinear,
+    LowRankLinear,
+    PifaLinear,
+    SparseConv2d,
+    SparseLinear,
+    SparseLowRankLinear,
+    UnfoldedConv2d,
+    replace_module,
+)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "WEIGHTS_NAME",
+    "CheckpointError",
+    "CheckpointSummary",
+    "ModuleBytes",
+    "load_compressed",
+    "save_compressed",
+]
+
+FORMAT = "matfactor-compressed"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "matfactor.json"
+WEIGHTS_NAME = "model.safetensors"
+
+#: Per kind of compressed (linear or convolution) module: its packed tensors and its dense ones,
+#: by attribute name.
+_TENSORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "sparse_linear": (("weight",), ()),
+    "double_sparse_linear": (("A", "B"), ()),
+    "lowrank_linear": ((), ("U", "V")),
+    "pifa_linear": ((), ("pivots", "non_pivots", "W_p", "C")),
+    "sparse_lowrank_linear": (("weight",), ("U", "V")),
+    "sparse_conv2d": (("weight",), ()),
+}
+_CONV_KINDS = ("sparse_conv2d", "unfolded_conv2d")
+_GEOMETRY = ("kernel_size", "stride", "padding", "dilation")
+
+#: Rebuild a module of each kind from its tensors (``"bias"`` among them when it has one) and its
+#: manifest entry; the constructors check values, patterns and pivots.
+_BUILDERS: dict[str, Callable[[dict[str, torch.Tensor], dict[str, Any]], CompressedModule]] = {
+    "sparse_linear": lambda t, e: SparseLinear(
+        t["weight"].T, t.get("bias"), pattern=e["pattern"], density=e["density"],
+        compression=e["compression"]),
+    "double_sparse_linear": lambda t, e: DoubleSparseLinear(
+        t["A"], t["B"], t.get("bias"), density=e["density"], compression=e["compression"]),
+    "lowrank_linear": lambda t, e: LowRankLinear(
+        t["U"], t["V"], t.get("bias"), compression=e["compression"]),
+    "pifa_linear": lambda t, e: PifaLinear(
+        t["pivots"], t["non_pivots"], t["W_p"], t["C"], t.get("bias"), compression=e["compression"]),
+    "sparse_lowrank_linear": lambda t, e: SparseLowRankLinear(
+        t["weight"].T, t["U"], t["V"], t.get("bias"), pattern=e["pattern"], density=e["density"],
+        compression=e["compression"]),
+    "sparse_conv2d": lambda t, e: SparseConv2d(
+        t["weight"], t.get("bias"), **{key: e["conv"][key] for key in _GEOMETRY[1:]},
+        pattern=e["pattern"], density=e["density"], compression=e["compression"]),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded: missing, damaged, inconsistent or not
+    fitting the model. The message names the file, tensor or module at fault."""
+
+
+@dataclass(frozen=True)
+class ModuleBytes:
+    """Storage of one compressed module's weight (biases excluded).
+
+    Attributes
+    ----------
+    kind
+        The module's kind in the manifest.
+    dense_bytes
+        ``d_in · d_out · itemsize``: the dense weight in the module's dtype.
+    stored_bytes
+        Bytes of the tensors stored for the weight: packed values and bitmasks, dense factors,
+        pivot indices.
+    """
+
+    kind: str
+    dense_bytes: int
+    stored_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        """``stored_bytes / dense_bytes``."""
+        return self.stored_bytes / self.dense_bytes
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What :func:`save_compressed` wrote.
+
+    Attributes
+    ----------
+    path
+        The checkpoint directory.
+    modules
+        Per compressed module name, its :class:`ModuleBytes`.
+    file_bytes
+        Size on disk of ``model.safetensors`` (everything, uncompressed parts included).
+    """
+
+    path: Path
+    modules: dict[str, ModuleBytes]
+    file_bytes: int
+
+    @property
+    def dense_bytes(self) -> int:
+        """Total dense bytes of the compressed modules' weights."""
+        return sum(entry.dense_bytes for entry in self.modules.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        """Total bytes stored for the compressed modules' weights."""
+        return sum(entry.stored_bytes for entry in self.modules.values())
+
+    @property
+    def ratio(self) -> float:
+        """``stored_bytes / dense_bytes`` over the compressed modules (NaN without any)."""
+        return self.stored_bytes / self.dense_bytes if self.modules else math.nan
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _describe(key: str, tensor: torch.Tensor) -> dict[str, Any]:
+    return {"key": key, "shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype)}
+
+
+def _geometry(conv: nn.Module) -> dict[str, Any]:
+    """The geometry of an ``nn.Conv2d`` or compressed convolution, as the manifest records it."""
+    return {"in_channels": conv.in_channels, "out_channels": conv.out_channels,
+            **{key: list(getattr(conv, key)) for key in _GEOMETRY}}
+
+
+def _matrix_shape(module: CompressedModule) -> tuple[int, int]:
+    """``(d_in, d_out)`` of a compressed module's ``Ŵ``, without forming it."""
+    if isinstance(module, SparseConv2d):
+        return module.weight[0].numel(), module.out_channels
+    inner = module.linear if isinstance(module, UnfoldedConv2d) else module
+    return inner.in_features, inner.out_features
+
+
+def _compressed_modules(model: nn.Module) -> dict[str, CompressedModule]:
+    """The outermost compressed modules of ``model`` by name (an UnfoldedConv2d, not its inner
+    linear module)."""
+    found: dict[str, CompressedModule] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedModule) and not any(name.startswith(f"{outer}.")
+                                                            for outer in found):
+            if not name:
+                raise ValueError("model is itself a compressed module; save a model that contains "
+                                 "it (e.g. nn.Sequential(module))")
+            found[name] = module
+    return found
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``tensors`` without shared memory, which safetensors refuses: of identical views (tied
+    weights) the first is kept and the others become aliases of it; partial overlaps are copied."""
+    views: dict[tuple[Any, ...], str] = {}
+    storages: set[tuple[torch.device, int]] = set()
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for key, tensor in tensors.items():
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        view = storage + (tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if tensor.numel() and view in views:
+            aliases[key] = views[view]
+            continue
+        if tensor.numel() and storage in storages:
+            tensor = tensor.clone()
+        else:
+            storages.add(storage)
+            views[view] = key
+        unique[key] = tensor
+    return unique, aliases
+
+
+def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file next to ``target``, flush it to disk, then rename it over
+    ``target``: readers see the old file or the complete new one, never a partial one."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        with open(temporary, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _pack_sparse(key: str, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``tensor``'s nonzeros in row-major order and its bitmask (``numpy.packbits`` of the
+    row-major support), as file tensors under ``key``, and their manifest description."""
+    mask = tensor != 0
+    values = tensor[mask]
+    bitmask = torch.from_numpy(np.packbits(mask.numpy().reshape(-1)))
+    values_key, bitmask_key = f"{key}.values", f"{key}.bitmask"
+    return {values_key: values, bitmask_key: bitmask}, {
+        "layout": "bitmask", "shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype),
+        "nnz": values.numel(), "values": _describe(values_key, values),
+        "bitmask": _describe(bitmask_key, bitmask)}
+
+
+def _pack_dense(key: str, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``tensor`` as a file tensor under ``key`` (indices as ``int32``, plenty for any layer
+    width) and its manifest description."""
+    tensor = tensor.contiguous() if tensor.is_floating_point() else tensor.to(torch.int32)
+    return {key: tensor}, {"layout": "dense", **_describe(key, tensor)}
+
+
+def _pack_module(name: str, module: CompressedModule,
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The manifest entry of ``module`` and its tensors for the file (on the CPU)."""
+    inner = module.linear if isinstance(module, UnfoldedConv2d) else module
+    if inner.kind not in _TENSORS:
+        raise TypeError(f"module {name!r}: cannot save a {type(inner).__name__} (kind "
+                        f"{inner.kind!r}); checkpoints hold the modules of "
+                        "matfactor.adapters.modules")
+    sparse, dense = _TENSORS[inner.kind]
+    files: dict[str, torch.Tensor] = {}
+    described: dict[str, Any] = {}
+    for attribute in sparse + dense:
+        pack = _pack_sparse if attribute in sparse else _pack_dense
+        tensor_files, described[attribute] = pack(f"{name}.{attribute}",
+                                                   getattr(inner, attribute).detach().cpu())
+        files.update(tensor_files)
+    stored_bytes = sum(tensor.nbytes for tensor in files.values())
+    if inner.bias is not None:
+        bias_files, described["bias"] = _pack_dense(f"{name}.bias", inner.bias.detach().cpu())
+        files.update(bias_files)
+    dtype = next(t.dtype for t in inner.parameters())
+    d_in, d_out = _matrix_shape(module)
+    entry = {"kind": module.kind, "inner_kind": inner.kind if inner is not module else None,
+             "shape": [d_in, d_out], "dtype": _dtype_name(dtype), "bias": inner.bias is not None,
+             "conv": _geometry(module) if module.kind in _CONV_KINDS else None,
+             "pattern": getattr(inner, "pattern", None), "density": getattr(inner, "density", None),
+             "compression": module.compression, "n_params": module.n_params,
+             "nnz": sum(described[a]["nnz"] for a in sparse) if sparse else None,
+             "dense_bytes": d_in * d_out * dtype.itemsize, "stored_bytes": stored_bytes,
+             "tensors": described}
+    return entry, files
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike[str], *,
+                    tokenizer: Any | None = None) -> CheckpointSummary:
+    """Save a model with compressed modules as a checkpoint directory (see the module docstring).
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module``; its :class:`~matfactor.adapters.modules.CompressedModule` submodules
+        are packed, the rest of its state dict is stored as is. A Hugging Face model also gets
+        its ``config.json``, so that :func:`load_compressed` can rebuild it without ``model=``.
+    path
+        The directory, created if needed. Files of an earlier checkpoint there are replaced.
+    tokenizer
+        Saved with its ``save_pretrained`` when given.
+
+    Returns
+    -------
+    CheckpointSummary
+        Dense and stored bytes per compressed module, and the size of ``model.safetensors``.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an ``nn.Module``, or holds a compressed module of a type checkpoints
+        do not know.
+    ValueError
+        ``model`` is itself a compressed module (wrap it, e.g. in ``nn.Sequential``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    manifest_path = path / MANIFEST_NAME
+    # An earlier manifest must not vouch for the files about to be rewritten.
+    manifest_path.unlink(missing_ok=True)
+
+    compressed = _compressed_modules(model)
+    entries: dict[str, Any] = {}
+    files: dict[str, torch.Tensor] = {}
+    for name, module in compressed.items():
+        entries[name], module_files = _pack_module(name, module)
+        files.update(module_files)
+    prefixes = tuple(f"{name}." for name in compressed)
+    state, aliases = _unshared({key: value for key, value in model.state_dict().items()
+                                if not key.startswith(prefixes)})
+    state = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    files.update(state)
+
+    transformers = sys.modules.get("transformers")  # a model can only be one if it is imported
+    config = None
+    if transformers is not None and isinstance(model, transformers.PreTrainedModel):
+        config = model.config
+        config.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+    weights_path = path / WEIGHTS_NAME
+    _write_atomically(weights_path, lambda target: save_file(files, str(target),
+                                                             metadata={"format": "pt"}))
+    file_bytes = weights_path.stat().st_size
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "matfactor_version": matfactor.__version__,
+        "model_class": type(model).__name__,
+        "architectures": None if config is None else config.architectures,
+        "dtype": None if dtype is None else _dtype_name(dtype),
+        "weights": {"file": WEIGHTS_NAME, "sha256": _sha256(weights_path), "bytes": file_bytes},
+        "state": {key: {"shape": list(value.shape), "dtype": _dtype_name(value.dtype)}
+                  for key, value in state.items()},
+        "aliases": aliases,
+        "modules": entries,
+    }
+    text = json.dumps(manifest, indent=1, allow_nan=False)
+    _write_atomically(manifest_path, lambda target: target.write_text(text, encoding="utf-8"))
+    return CheckpointSummary(path, {name: ModuleBytes(entry["kind"], entry["dense_bytes"],
+                                                      entry["stored_bytes"])
+                                    for name, entry in entries.items()}, file_bytes)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path} is missing: {path} is not a matfactor checkpoint, "
+                              "or its saving did not finish")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{manifest_path} is not a readable JSON manifest: {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{manifest_path} is not a {FORMAT!r} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{manifest_path} has format_version "
+                              f"{manifest.get('format_version')!r}; this matfactor reads "
+                              f"version {FORMAT_VERSION}")
+    for key, kind in (("weights", dict), ("state", dict), ("aliases", dict), ("modules", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise CheckpointError(f"{manifest_path}: {key!r} is missing or not a {kind.__name__}")
+    return manifest
+
+
+def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    weights_path = path / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path} is missing")
+    if _sha256(weights_path) != manifest["weights"].get("sha256"):
+        raise CheckpointError(f"{weights_path} is damaged: its sha256 differs from the one in "
+                              f"{MANIFEST_NAME} (truncated, modified or from another save)")
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as file:
+            return {key: file.get_tensor(key) for key in file.keys()}
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from error
+
+
+class _Tensors:
+    """The weights file's tensors, each handed out once against its manifest description."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.used: set[str] = set()
+
+    def take(self, description: dict[str, Any], where: str) -> torch.Tensor:
+        key = description["key"]
+        if key in self.used:
+            raise CheckpointError(f"{where}: tensor {key!r} is described twice in the manifest")
+        if key not in self.tensors:
+            raise CheckpointError(f"{where}: tensor {key!r} is missing from {WEIGHTS_NAME}")
+        tensor = self.tensors[key]
+        found = (list(tensor.shape), _dtype_name(tensor.dtype))
+        if found != (list(description["shape"]), description["dtype"]):
+            raise CheckpointError(f"{where}: tensor {key!r} is {found[1]} of shape {found[0]} in "
+                                  f"{WEIGHTS_NAME}, but the manifest says {description['dtype']} "
+                                  f"of shape {description['shape']}")
+        self.used.add(key)
+        return tensor
+
+
+def _unpack(description: dict[str, Any], tensors: _Tensors, where: str) -> torch.Tensor:
+    """The dense tensor of a (dense or bitmask-packed) manifest tensor description."""
+    if description["layout"] == "dense":
+        return tensors.take(description, where)
+    if description["layout"] != "bitmask":
+        raise CheckpointError(f"{where}: unknown layout {description['layout']!r}")
+    values = tensors.take(description["values"], where)
+    bitmask = tensors.take(description["bitmask"], where)
+    shape = tuple(description["shape"])
+    size = math.prod(shape)
+    if values.ndim != 1 or _dtype_name(values.dtype) != description["dtype"] \
+            or bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (-(-size // 8),):
+        raise CheckpointError(f"{where}: a {description['dtype']} tensor of shape {list(shape)} "
+                              f"needs 1-D {description['dtype']} values and a uint8 bitmask of "
+                              f"{-(-size // 8)} bytes, got {list(values.shape)} "
+                              f"{_dtype_name(values.dtype)} and {list(bitmask.shape)} "
+                              f"{_dtype_name(bitmask.dtype)}")
+    bits = np.unpackbits(bitmask.numpy())
+    if bits[size:].any():
+        raise CheckpointError(f"{where}: bitmask {description['bitmask']['key']!r} has bits set "
+                              f"past the tensor's {size} elements")
+    mask = torch.from_numpy(bits[:size].astype(bool)).reshape(shape)
+    count = int(mask.sum())
+    if count != values.numel():
+        raise CheckpointError(f"{where}: bitmask {description['bitmask']['key']!r} has {count} bits "
+                              f"set but {description['values']['key']!r} holds {values.numel()} "
+                              "values")
+    dense = torch.zeros(shape, dtype=values.dtype)
+    dense[mask] = values
+    return dense
+
+
+def _target_layer(model: nn.Module, name: str, entry: dict[str, Any], where: str) -> nn.Module:
+    """The dense layer of ``model`` that the manifest's module ``name`` replaces, checked."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"{where} is not in the model ({type(model).__name__}): the "
+                              "checkpoint is mismatched with it") from None
+    conv = entry["kind"] in _CONV_KINDS
+    if not is_compressible(layer) or isinstance(layer, nn.Conv2d) != conv:
+        raise CheckpointError(f"{where}: the model has a {type(layer).__name__} there, the "
+                              f"checkpoint a {entry['kind']} (mismatched)")
+    try:
+        shape = list(weight_matrix(layer, name).shape)
+    except ValueError as error:
+        raise CheckpointError(f"{where}: {error}") from error
+    if shape != list(entry["shape"]):
+        raise CheckpointError(f"{where}: the model's layer has a (d_in, d_out) = {shape} weight "
+                              f"matrix, the checkpoint's {entry['shape']} (mismatched)")
+    if conv and _geometry(layer) != entry["conv"]:
+        raise CheckpointError(f"{where}: the model's convolution has geometry {_geometry(layer)}, "
+                              f"the checkpoint's {entry['conv']} (mismatched)")
+    return layer
+
+
+def _rebuild_module(entry: dict[str, Any], tensors: _Tensors, where: str) -> CompressedModule:
+    kind = entry["kind"]
+    linear_kind = entry["inner_kind"] if kind == "unfolded_conv2d" else kind
+    if linear_kind not in _BUILDERS or (kind == "unfolded_conv2d" and linear_kind in _CONV_KINDS):
+        raise CheckpointError(f"{where}: unknown kind {kind!r} (inner kind {entry['inner_kind']!r})")
+    sparse, dense = _TENSORS[linear_kind]
+    expected = set(sparse + dense) | ({"bias"} if entry["bias"] else set())
+    if set(entry["tensors"]) != expected:
+        raise CheckpointError(f"{where}: a {linear_kind} has the tensors {sorted(expected)}, the "
+                              f"manifest lists {sorted(entry['tensors'])}")
+    values = {attribute: _unpack(description, tensors, f"{where}, tensor {attribute!r}")
+              for attribute, description in entry["tensors"].items()}
+    try:
+        module = _BUILDERS[linear_kind](values, entry)
+        if kind == "unfolded_conv2d":
+            conv = entry["conv"]
+            module = UnfoldedConv2d(module, in_channels=conv["in_channels"],
+                                    **{key: conv[key] for key in _GEOMETRY})
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{where}: {error}") from error
+    built = {"shape": list(_matrix_shape(module)),
+             "dtype": _dtype_name(next(module.parameters()).dtype)}
+    if kind in _CONV_KINDS:
+        built["conv"] = _geometry(module)
+    described = {key: entry[key] for key in built}
+    if built != described:
+        raise CheckpointError(f"{where}: its tensors make a module with {built}, the manifest "
+                              f"says {described}")
+    return module
+
+
+def _new_model(path: Path, manifest: dict[str, Any]) -> nn.Module:
+    """The Hugging Face model of the checkpoint's config, freshly initialised, in its dtype."""
+    class_name = manifest.get("model_class")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: it was saved from a {class_name}, not a "
+                              "Hugging Face model; pass the model to load into as model=")
+    import transformers
+
+    model_class = getattr(transformers, str(class_name), None)
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise CheckpointError(f"{path / MANIFEST_NAME}: model_class {class_name!r} is not a "
+                              "transformers model class; pass the model to load into as model=")
+    dtype = manifest.get("dtype")
+    if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise CheckpointError(f"{path / MANIFEST_NAME}: dtype {dtype!r} is not a torch dtype")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path / 'config.json'} is not a readable config: {error}") from error
+    return model_class._from_config(config, dtype=None if dtype is None else getattr(torch, dtype))
+
+
+def _rebuild_modules(path: Path, model: nn.Module, manifest: dict[str, Any],
+                     tensors: _Tensors) -> dict[str, CompressedModule]:
+    """The manifest's compressed modules, checked against the model's layers they replace and
+    put in those layers' dtype and device."""
+    replacements: dict[str, CompressedModule] = {}
+    for name, entry in manifest["modules"].items():
+        where = f"module {name!r}"
+        try:
+            layer = _target_layer(model, name, entry, where)
+            module = _rebuild_module(entry, tensors, where)
+        except (KeyError, TypeError) as error:
+            raise CheckpointError(f"{path / MANIFEST_NAME}: malformed entry for {where} "
+                                  f"({type(error).__name__}: {error})") from error
+        replacements[name] = module.to(device=layer.weight.device, dtype=layer.weight.dtype)
+    return replacements
+
+
+def _remaining_state(path: Path, model: nn.Module, manifest: dict[str, Any], tensors: _Tensors,
+                     prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The stored state outside the compressed modules (aliases resolved), checked to be all of
+    the file's remaining tensors and to fit the model's state dict outside ``prefixes``."""
+    try:
+        state = {key: tensors.take({"key": key, **description}, f"state tensor {key!r}")
+                 for key, description in manifest["state"].items()}
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"{path / MANIFEST_NAME}: malformed 'state' entry "
+                              f"({type(error).__name__}: {error})") from error
+    extra = sorted(set(tensors.tensors) - tensors.used)
+    if extra:
+        raise CheckpointError(f"{WEIGHTS_NAME} holds tensors the manifest does not describe: "
+                              f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    for alias, key in manifest["aliases"].items():
+        if key not in state:
+            raise CheckpointError(f"{MANIFEST_NAME}: alias {alias!r} refers to {key!r}, which is "
+                                  "not a stored state tensor")
+        state[alias] = state[key]
+    expected = {key: value for key, value in model.state_dict().items()
+                if not key.startswith(prefixes)}
+    for problem, keys in (("is missing from the checkpoint", expected.keys() - state.keys()),
+                          ("is not in the model", state.keys() - expected.keys())):
+        if keys:
+            raise CheckpointError(f"state tensor {sorted(keys)[0]!r} {problem} "
+                                  f"({len(keys)} such tensors): the checkpoint is mismatched "
+                                  f"with the {type(model).__name__}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"state tensor {key!r} has shape {list(value.shape)} in the "
+                                  f"checkpoint, {list(expected[key].shape)} in the model (mismatched)")
+    return state
+
+
+def load_compressed(path: str | os.PathLike[str], *, model: nn.Module | None = None,
+                    device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a checkpoint written by :func:`save_compressed`, validating everything first.
+
+    Parameters
+    ----------
+    path
+        The checkpoint directory.
+    model
+        The dense model to load into, of the saved architecture (e.g. a CNN built by the
+        caller); it is modified in place: each compressed module of the manifest replaces the
+        layer of that name, in that layer's dtype and on its device, and the other tensors are
+        copied into the model's (``load_state_dict(strict=True)``). ``None``: a Hugging Face
+        model is built from the saved ``config.json`` (its class by the manifest's
+        ``model_class``, in the saved dtype).
+    device, dtype
+        Where and in which floating dtype to put the whole model at the end (``model.to``);
+        ``None`` leaves it as loaded.
+
+    Returns
+    -------
+    nn.Module
+        The model, in eval mode.
+
+    Raises
+    ------
+    CheckpointError
+        Anything in the directory missing, damaged or inconsistent, or a checkpoint that does not
+        fit ``model`` (see the module docstring). ``model`` is not modified then.
+    TypeError
+        ``model`` not an ``nn.Module`` or ``dtype`` not a floating torch dtype.
+    """
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be None or a torch.nn.Module, got {type(model).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
+    path = Path(path)
+    manifest = _read_manifest(path)
+    tensors = _Tensors(_read_weights(path, manifest))
+    if model is None:
+        model = _new_model(path, manifest)
+
+    replacements = _rebuild_modules(path, model, manifest, tensors)
+    prefixes = tuple(f"{name}." for name in replacements)
+    state = _remaining_state(path, model, manifest, tensors, prefixes)
+
+    for name, module in replacements.items():
+        replace_module(model, name, module)
+    # strict=True over the whole state dict: the compressed modules' entries load onto themselves.
+    state.update({key: value for key, value in model.state_dict().items() if key.startswith(prefixes)})
+    model.load_state_dict(state, strict=True)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model.eval()
