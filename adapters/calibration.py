@@ -112,6 +112,9 @@ class CalibrationHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        # drop the module references: the statistics outlive the layers they were taken from
+        self.layers = dict.fromkeys(self.layers)
+        self.dense_layers = dict.fromkeys(self.dense_layers)
         self._batch_inputs.clear()
         self._captured.clear()
 

@@ -24,7 +24,9 @@ MPIFA needs the inputs of each layer in both the dense and the compressed model:
 ``mpifa`` rule, sequential mode carries a second stream of block inputs through the dense
 blocks (twice the activation memory).
 
-The dense parts of the model are never copied: layers are replaced in place.
+Layers are replaced in place and a replaced dense layer is freed at once; the only copy of
+dense weights is the one block that carries the dense stream while it is compressed (with
+``mix > 0`` or MPIFA).
 """
 
 from __future__ import annotations
@@ -270,8 +272,12 @@ def _check_chain(blocks: list[tuple[str, nn.Module]], chain: list[tuple[str, Any
 
 
 def _targets(model: nn.Module, recipe: Recipe, block_names: list[str],
-             sequential: bool) -> dict[str, tuple[nn.Module, Rule, int | None]]:
-    """Every layer a rule applies to: ``{name: (module, rule, block index or None)}``."""
+             sequential: bool) -> dict[str, tuple[Rule, int | None]]:
+    """Every layer a rule applies to: ``{name: (rule, block index or None)}``.
+
+    Modules are looked up by name when they are needed, never held here: a replaced dense
+    layer must be freed as soon as its compressed module is in place.
+    """
     targets = {}
     for name, module in model.named_modules():
         if not is_compressible(module):
@@ -286,7 +292,7 @@ def _targets(model: nn.Module, recipe: Recipe, block_names: list[str],
                              "mode compresses layers inside blocks only: use one-shot mode or "
                              "add it to the recipe's 'ignore' list")
         weight_matrix(module, name)  # refuses unsupported layers (grouped convolutions) up front
-        targets[name] = (module, rule, block)
+        targets[name] = (rule, block)
     if not targets:
         raise ValueError("the recipe selects no layer of the model: check its targets and ignore "
                          "patterns against the module names (model.named_modules())")
@@ -294,11 +300,12 @@ def _targets(model: nn.Module, recipe: Recipe, block_names: list[str],
 
 
 def _solve_and_replace(model: nn.Module, hooks: CalibrationHooks,
-                       targets: dict[str, tuple[nn.Module, Rule, int | None]], names: list[str],
+                       targets: dict[str, tuple[Rule, int | None]], names: list[str],
                        device: Any, mix: float, seed: int, progress: Any) -> list[LayerReport]:
     reports = []
     for name in names:
-        module, rule, block = targets[name]
+        rule, block = targets[name]
+        module = model.get_submodule(name)
         W = weight_matrix(module, name).to(device)
         W = W.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
         H, n_samples = hooks.gram(name)
@@ -408,7 +415,7 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
         block_list = _named_blocks(model, blocks)
     block_names = [name for name, _ in block_list]
     targets = _targets(model, recipe, block_names, sequential)
-    streams = frozenset(name for name, (_, rule, _) in targets.items()
+    streams = frozenset(name for name, (rule, _) in targets.items()
                         if METHODS[rule.method].needs_streams or (sequential and mix > 0))
     params_before = sum(p.numel() for p in model.parameters())
     was_training = model.training
@@ -456,7 +463,7 @@ def _named_blocks(model: nn.Module, blocks: Any) -> list[tuple[str, nn.Module]]:
 
 
 def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list[Any],
-                targets: dict[str, tuple[nn.Module, Rule, int | None]], streams: frozenset[str],
+                targets: dict[str, tuple[Rule, int | None]], streams: frozenset[str],
                 device: Any, storage: Any, gram_dtype: str, granularity: str, mix: float, seed: int,
                 bar: Any,
                 tqdm: Any, progress: bool) -> list[LayerReport]:
@@ -468,7 +475,7 @@ def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: 
                                                       disable=not progress, leave=False)):
         home = next(block.parameters(), torch.empty(0)).device
         block.to(device)
-        remaining = [name for name, (_, _, block_index) in targets.items() if block_index == index]
+        remaining = [name for name, (_, block_index) in targets.items() if block_index == index]
         # MPIFA's dense stream runs through a dense copy of the block while it is compressed
         dense_block = copy.deepcopy(block) if streams else None
         plan: list[list[str]] | None = None
@@ -477,7 +484,7 @@ def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: 
             block_streams = streams & set(observed)
             dense_layers = {name: dense_block.get_submodule(name.removeprefix(block_name).removeprefix("."))
                             for name in block_streams}
-            layers = {name: targets[name][0] for name in observed}
+            layers = {name: model.get_submodule(name) for name in observed}
             # once the order is known, a pass stops when its group has run: the rest of the
             # block's forward pass would be thrown away
             with CalibrationHooks(layers, dtype=gram_dtype, streams=block_streams,
@@ -490,14 +497,15 @@ def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: 
                     else:
                         hooks.begin_batch(item.token_mask)
                     _observe(item, block, device)
-                if plan is None:
-                    for name in remaining:
-                        hooks.gram(name)  # a layer that never ran is an error naming it
-                    # layer granularity: compress the layers that read one input, in the order
-                    # they run, each group calibrated on the outputs of the compressed earlier ones
-                    plan = hooks.groups() if granularity == "layer" else [list(remaining)]
-                group = plan.pop(0)
-                reports += _solve_and_replace(model, hooks, targets, group, device, mix, seed, bar)
+            del layers
+            if plan is None:
+                for name in remaining:
+                    hooks.gram(name)  # a layer that never ran is an error naming it
+                # layer granularity: compress the layers that read one input, in the order they
+                # run, each group calibrated on the outputs of the compressed earlier ones
+                plan = hooks.groups() if granularity == "layer" else [list(remaining)]
+            group = plan.pop(0)
+            reports += _solve_and_replace(model, hooks, targets, group, device, mix, seed, bar)
             remaining = [name for name in remaining if name not in group]
             block = model.get_submodule(block_name)  # the block itself may have been replaced
         for item in inputs:
@@ -505,16 +513,18 @@ def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: 
                 item.dense_hidden = item.call(dense_block, device, item.dense_hidden).to(storage)
             output = item.call(block, device).to(storage)   # the compressed block feeds the next
             item.args = (output,) + tuple(item.args[1:])
+        dense_block = None  # freed before the next block is copied
         block.to(home)
     return reports
 
 
-def _one_shot(model: nn.Module, batches: list[Any], targets: dict[str, tuple[nn.Module, Rule, int | None]],
+def _one_shot(model: nn.Module, batches: list[Any], targets: dict[str, tuple[Rule, int | None]],
               streams: frozenset[str], device: Any, gram_dtype: str, mix: float, seed: int,
               bar: Any) -> list[LayerReport]:
-    layers = {name: module for name, (module, _, _) in targets.items()}
+    layers = {name: model.get_submodule(name) for name in targets}
     with CalibrationHooks(layers, dtype=gram_dtype, streams=streams) as hooks:
         for batch in batches:
             hooks.begin_batch(_token_mask(batch))
             _run(model, batch)
-        return _solve_and_replace(model, hooks, targets, list(targets), device, mix, seed, bar)
+    del layers
+    return _solve_and_replace(model, hooks, targets, list(targets), device, mix, seed, bar)

@@ -95,11 +95,22 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def text_batches(tokenizer: Any, texts: list[str], *, batch_size: int = 16,
-                 max_length: int = 128, device: str | torch.device = "cpu") -> list[dict[str, torch.Tensor]]:
-    """Tokenized batches (``input_ids``, ``attention_mask``, ...) of at most ``max_length`` tokens."""
+def text_batches(tokenizer: Any, texts: list[str], *, batch_size: int = 16, max_length: int = 128,
+                 sort_by_length: bool = False,
+                 device: str | torch.device = "cpu") -> list[dict[str, torch.Tensor]]:
+    """Tokenized batches (``input_ids``, ``attention_mask``, ...) of at most ``max_length`` tokens.
+
+    With ``sort_by_length``, texts are batched in order of length, so that each batch is padded
+    to little more than its texts (about half the positions of pydoc paragraphs are padding
+    otherwise); the batches then hold the texts in that order. Padding is never a calibration
+    sample nor part of an embedding, so the statistics and the fidelity are the same up to
+    rounding, at about half the cost.
+    """
     if not texts:
         raise ValueError("texts is empty")
+    if sort_by_length:
+        lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+        texts = [text for _, text in sorted(zip(lengths, texts), key=lambda pair: pair[0])]
     batches = []
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,

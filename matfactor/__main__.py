@@ -162,8 +162,6 @@ def _weights_bytes(model_dir: Path) -> int:
 
 
 def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    import torch
-
     from matfactor.adapters import compress_model, load_compressed, save_compressed
     from matfactor.adapters.text import (default_model_dir, embedding_fidelity, load_text_model,
                                          pydoc_texts, read_texts, text_batches)
@@ -175,7 +173,7 @@ def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     texts = read_texts(args.calibration) if args.calibration else pydoc_texts("calibration")
     random.Random(args.seed).shuffle(texts)
     texts = texts[:args.samples]
-    batches = text_batches(tokenizer, texts)
+    batches = text_batches(tokenizer, texts, sort_by_length=True)
     n_tokens = int(sum(int(batch["attention_mask"].sum()) for batch in batches))
     print(f"model {model_dir} ({type(model).__name__}); {len(texts)} calibration texts, "
           f"{n_tokens} tokens; recipe {recipe.to_dict()}")
@@ -190,9 +188,8 @@ def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     if not args.no_evaluate:
         dense, _ = load_text_model(model_dir)
         saved = load_compressed(args.out)
-        held_out = text_batches(tokenizer, _held_out(args), batch_size=32)
-        with torch.no_grad():
-            print(f"saved model: {embedding_fidelity(dense, saved, held_out)}")
+        held_out = text_batches(tokenizer, _held_out(args), batch_size=32, sort_by_length=True)
+        print(f"saved model: {embedding_fidelity(dense, saved, held_out)}")
     print(f"total time {time.perf_counter() - start:.1f} s")
 
 
@@ -202,7 +199,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     dense, tokenizer = load_text_model(args.model)
     compressed = load_compressed(args.compressed)
-    held_out = text_batches(tokenizer, _held_out(args), batch_size=32)
+    held_out = text_batches(tokenizer, _held_out(args), batch_size=32, sort_by_length=True)
     print(embedding_fidelity(dense, compressed, held_out))
 
 

@@ -415,3 +415,28 @@ def test_blocks_that_are_layers_themselves(monkeypatch):
     assert all(isinstance(module, SparseLinear) for module in (model[0], model[2]))
     inputs = torch.relu(torch.cat([model[0](x) for x in batches]).detach())
     torch.testing.assert_close(spy.H["2"].double(), (inputs.T @ inputs).double(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_replaced_layers_are_freed_during_the_run(monkeypatch, sequential):
+    """No second copy of the model: a dense layer is gone once its compressed module is in place."""
+    import gc
+    import weakref
+
+    model = tiny_bert()
+    originals = {name: weakref.ref(module) for name, module in model.named_modules()
+                 if isinstance(module, nn.Linear) and name.startswith("encoder.")}
+    alive_at_last_solve = []
+    original = pipeline_module.solve_layer
+
+    def solve(name, *args, **kwargs):
+        if name == "encoder.layer.1.output.dense":
+            gc.collect()
+            alive_at_last_solve.extend(n for n, ref in originals.items() if ref() is not None)
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "solve_layer", solve)
+    compress_model(model, token_batches(), Recipe.single("magnitude", density=0.5), sequential=sequential,
+                   progress=False)
+    # only the layer being solved may still be alive (it is replaced right after its solve)
+    assert alive_at_last_solve == ["encoder.layer.1.output.dense"]
