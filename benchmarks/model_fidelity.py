@@ -1,0 +1,111 @@
+"""End-to-end fidelity of every method on all-MiniLM-L6-v2: sequential against one-shot.
+
+For each method, density and mode, the model is compressed by
+:func:`matfactor.adapters.compress_model` (all 36 encoder linear layers, 128 calibration texts of
+CPython's pydoc topics, calibration half) and its sentence embeddings (mean pooling) are compared
+with the dense model's on the held-out half. Each finished run appends one JSON line to the output
+file, so an interrupted run keeps what it measured and a rerun skips it.
+
+Run from the repository root::
+
+    python -m benchmarks.model_fidelity --out benchmarks/results/model_fidelity.jsonl
+    python -m benchmarks.model_fidelity --out ... --table     # print the Markdown table
+
+The table in the guide (section 17) was measured this way, one thread per process, with
+``--methods sparse_lowrank --arguments '{"iters": 20}'`` for sparse plus low rank (a quarter of
+its default 80 alternations, for time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "dsf", "lowrank", "weighted_lowrank", "pifa",
+           "mpifa", "sparse_lowrank")
+DENSITIES = (0.5, 0.3)
+MODES = ("sequential", "one-shot")
+
+
+def _key(record: dict) -> tuple:
+    return record["method"], record["density"], record["mode"]
+
+
+def run(out: Path, methods: list[str], samples: int, threads: int, arguments: dict) -> None:
+    import torch
+
+    from matfactor.adapters import Recipe, compress_model
+    from matfactor.adapters.text import embedding_fidelity, load_text_model, pydoc_texts, text_batches
+
+    torch.set_num_threads(threads)
+    done = {_key(json.loads(line)) for line in out.read_text().splitlines()} if out.exists() else set()
+    dense, tokenizer = load_text_model()
+    texts = pydoc_texts("calibration")
+    random.Random(0).shuffle(texts)
+    calibration = text_batches(tokenizer, texts[:samples])
+    held_out = text_batches(tokenizer, pydoc_texts("heldout"), batch_size=32)
+    for method in methods:
+        for density in DENSITIES:
+            for mode in MODES:
+                if (method, density, mode) in done:
+                    continue
+                model, _ = load_text_model()
+                start = time.perf_counter()
+                recipe = Recipe.single(method, density=density, **arguments)
+                report = compress_model(model, calibration, recipe, sequential=mode == "sequential",
+                                        progress=False)
+                seconds = time.perf_counter() - start
+                fidelity = embedding_fidelity(dense, model, held_out)
+                record = {"method": method, "density": density, "mode": mode,
+                          "mean_cosine": fidelity.mean_cosine, "min_cosine": fidelity.min_cosine,
+                          "neighbour_agreement": fidelity.neighbour_agreement,
+                          "n_texts": fidelity.n_texts, "kept": report.params_after / report.params_before,
+                          "mean_layer_error": sum(layer.rel_error for layer in report.layers)
+                          / len(report.layers), "seconds": seconds, "threads": threads,
+                          "calibration_texts": samples, "arguments": arguments,
+                          "machine": platform.machine(),
+                          "processor": platform.processor() or "unknown"}
+                with out.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                print(json.dumps(record), flush=True)
+
+
+def table(out: Path) -> str:
+    """The results as a Markdown table: mean cosine (sequential / one-shot) per method and density."""
+    records = {_key(record): record for record in map(json.loads, out.read_text().splitlines())}
+    lines = ["| method | " + " | ".join(f"density {d}: sequential | one-shot" for d in DENSITIES) + " |",
+             "|---|" + "---|---|" * len(DENSITIES)]
+    for method in METHODS:
+        cells = []
+        for density in DENSITIES:
+            for mode in MODES:
+                record = records.get((method, density, mode))
+                cells.append("–" if record is None else
+                             f"{record['mean_cosine']:.4f} ({record['neighbour_agreement']:.0%})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON-lines results file")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--samples", type=int, default=128, help="calibration texts (default 128)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--arguments", type=json.loads, default={},
+                        help="JSON keyword arguments of the methods' core functions, e.g. '{\"iters\": 20}'")
+    parser.add_argument("--table", action="store_true", help="print the table of the results file")
+    args = parser.parse_args()
+    if args.table:
+        print(table(args.out))
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        run(args.out, args.methods, args.samples, args.threads, args.arguments)
+
+
+if __name__ == "__main__":
+    main()
