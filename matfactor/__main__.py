@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError as missing:
         parser.exit(2, f"matfactor: error: {missing}; the command needs the hf extra: "
                        "pip install -e \".[hf]\"\n")
-    except (ValueError, RuntimeError) as problem:  # bad input named by the library
+    except (ValueError, RuntimeError, OSError) as problem:  # bad input named by the library
         parser.exit(2, f"matfactor: error: {problem}\n")
 
 
