@@ -77,8 +77,8 @@ def run(out: Path, methods: list[str], samples: int, threads: int, arguments: di
 def table(out: Path) -> str:
     """The results as a Markdown table: mean cosine (sequential / one-shot) per method and density."""
     records = {_key(record): record for record in map(json.loads, out.read_text().splitlines())}
-    lines = ["| method | " + " | ".join(f"density {d}: sequential | one-shot" for d in DENSITIES) + " |",
-             "|---|" + "---|---|" * len(DENSITIES)]
+    lines = ["| method | " + " | ".join(f"{d} {mode}" for d in DENSITIES for mode in MODES) + " |",
+             "|---|" + "---|" * len(DENSITIES) * len(MODES)]
     for method in METHODS:
         cells = []
         for density in DENSITIES:
