@@ -365,10 +365,8 @@ def test_pipeline_errors_name_the_problem():
         compress_model(model, batches, recipe, mix=2)
     with pytest.raises(TypeError, match="recipe must be"):
         compress_model(model, batches, {"method": "dsf"})
-    too_dense = Recipe.single("sparsegpt", pattern="4:8")
     with pytest.raises(ValueError, match="encoder.layer.0.attention.self.query"):
         compress_model(tiny_bert(), batches, Recipe.single("sparse_lowrank", density=0.02), progress=False)
-    assert too_dense.rules[0].density is None
 
 
 def test_same_seed_same_model():
