@@ -49,7 +49,7 @@ from matfactor import (
     nnz_budget,
     parse_pattern,
 )
-from matfactor.sparsity import check_density
+from matfactor import _validation
 
 from .layers import weight_matrix
 
@@ -122,7 +122,7 @@ def _sparsity(owner: str, name: str, matrix: torch.Tensor, pattern: Any, density
     if pattern is None and density is None:
         return None, None
     parsed = parse_pattern("unstructured" if pattern is None else pattern)
-    density = check_density(density, parsed)
+    density = _validation.density(density, parsed)
     if not mask_satisfies(matrix != 0, density, parsed, exact=False):
         raise ValueError(f"{owner}: {name} violates its sparsity pattern '{parsed}' (density "
                          f"{density:g}): it keeps {int(torch.count_nonzero(matrix))} nonzeros where the "

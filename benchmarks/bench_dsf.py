@@ -7,7 +7,7 @@ import numpy as np
 
 from matfactor import admm_prune, layer_error, magnitude_prune
 from matfactor.dsf import double_sparse
-from matfactor.sparsity import keep_count
+from matfactor.sparsity import _keep_count
 
 from .common import BENCH_BACKENDS, REAL_LAYERS, BackendBenchmark, cached_layer, median_seconds, real_layer
 
@@ -86,7 +86,7 @@ class DsfProjection(BackendBenchmark):
 
     def track_error_over_svd(self, backend_name, shape):
         d_in, d_out = self.W.shape
-        rank = keep_count(0.25, d_in * d_out) // (d_in + d_out)
+        rank = _keep_count(0.25, d_in * d_out) // (d_in + d_out)
         singular_values = np.linalg.svd(self.W, compute_uv=False)
         return self.error / (np.sum(singular_values[rank:] ** 2) / np.sum(singular_values ** 2))
 

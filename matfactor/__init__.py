@@ -13,6 +13,7 @@ from .exceptions import ConvergenceWarning
 from .lowrank_descent import hassle_free_learning_rate, lowrank_gd
 from .pifa import Pivoted, pifa_from_dense, pifa_from_factors, pifa_rank_for_density
 from .pruning import Pruner, magnitude_prune, sparsegpt_prune, wanda_prune
+from .reconstruct import ReconstructionStatistics, mpifa, mpifa_lowrank, update_U, update_V
 from .sparse_lowrank import (
     SparseLowRankBudget,
     SparsePlusLowRank,
@@ -20,13 +21,14 @@ from .sparse_lowrank import (
     sparse_lowrank_rank,
     sparse_plus_lowrank,
 )
-from .reconstruct import ReconstructionStatistics, mpifa, mpifa_lowrank, update_U, update_V
 from .sparsity import (
     SparsityPattern,
+    magnitude_scores,
     mask_from_scores,
     mask_satisfies,
     nnz_budget,
     parse_pattern,
+    wanda_scores,
 )
 from .svd import LowRank, lowrank_rank_for_density, randomized_svd, truncated_svd, weighted_lowrank
 from .sylvester import SylvesterSolver
@@ -54,6 +56,7 @@ __all__ = [
     "lowrank_gd",
     "lowrank_rank_for_density",
     "magnitude_prune",
+    "magnitude_scores",
     "mask_from_scores",
     "mask_satisfies",
     "mpifa",
@@ -72,5 +75,6 @@ __all__ = [
     "update_U",
     "update_V",
     "wanda_prune",
+    "wanda_scores",
     "weighted_lowrank",
 ]

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+__all__ = ["build_parser", "main"]
+
 _METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "dsf", "lowrank", "weighted_lowrank", "pifa",
             "mpifa", "sparse_lowrank")
 
@@ -163,8 +165,14 @@ def _weights_bytes(model_dir: Path) -> int:
 
 def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from matfactor.adapters import compress_model, load_compressed, save_compressed
-    from matfactor.adapters.text import (default_model_dir, embedding_fidelity, load_text_model,
-                                         pydoc_texts, read_texts, text_batches)
+    from matfactor.adapters.text import (
+        default_model_dir,
+        embedding_fidelity,
+        load_text_model,
+        pydoc_texts,
+        read_texts,
+        text_batches,
+    )
 
     recipe = _recipe(args, parser)
     model_dir = args.model or default_model_dir()

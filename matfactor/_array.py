@@ -1,18 +1,16 @@
 """Array-API plumbing shared by every solver.
 
-Everything that is not in the Python array API standard lives here and nowhere else: namespace
-and device resolution of the public entry points, the dtype policy, input validation, and the
-few operations the standard lacks (random normals from a seed, k-th largest selection, exact
+Everything that is not in the Python array API standard lives here and nowhere else: the few
+operations the standard lacks (random normals from a seed, k-th largest selection, exact
 top-k masks, triangular solves, inverses of symmetric positive definite matrices). Each has a
 native fast path for NumPy, PyTorch and CuPy and a generic fallback written against the
-standard, which is what ``array_api_strict`` exercises in the tests.
+standard, which is what ``array_api_strict`` exercises in the tests. Arguments are validated
+before they get here (:mod:`matfactor._validation`).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 from typing import Any
 
 import array_api_compat
@@ -23,24 +21,18 @@ from array_api_compat import (
     is_torch_namespace,
 )
 
+from ._validation import type_name
+
 __all__ = [
-    "resolve_namespace",
-    "compute_dtype",
-    "common_compute_dtype",
-    "as_compute_matrix",
-    "check_finite",
-    "check_count",
-    "check_gram",
-    "check_symmetric",
     "random_normal",
     "kth_largest",
     "top_k_mask",
+    "on_host",
     "solve_triangular",
     "cholesky",
     "spd_inverse",
     "spd_solve",
     "add_to_diagonal",
-    "diagonal_scale",
     "contiguous",
     "synchronize",
     "pivoted_qr",
@@ -49,178 +41,17 @@ __all__ = [
 ]
 
 
-def _type_name(x: Any) -> str:
-    return f"{type(x).__module__}.{type(x).__qualname__}"
-
-
-def resolve_namespace(**arrays: Any) -> tuple[Any, Any]:
-    """Return the common ``(namespace, device)`` of the named arrays.
-
-    ``None`` values are skipped, so optional inputs (``H=None``) can be passed as they are.
-
-    Raises
-    ------
-    TypeError
-        If an argument is not an array, or two arguments come from different array libraries.
-    ValueError
-        If two arguments live on different devices.
-    """
-    first_name, first_xp, first_device = None, None, None
-    for name, x in arrays.items():
-        if x is None:
-            continue
-        try:
-            xp = array_api_compat.array_namespace(x)
-        except TypeError as exc:
-            raise TypeError(f"{name} must be an array (NumPy, CuPy, PyTorch or another array-API "
-                            f"library), got {_type_name(x)}") from exc
-        device = array_api_compat.device(x)
-        if first_xp is None:
-            first_name, first_xp, first_device = name, xp, device
-            continue
-        if xp is not first_xp:
-            raise TypeError(f"{first_name} and {name} come from different array libraries "
-                            f"({first_xp.__name__} and {xp.__name__}); pass both from one library")
-        if device != first_device:
-            raise ValueError(f"{first_name} is on device {first_device} but {name} is on device "
-                             f"{device}; move both to one device")
-    if first_xp is None:
-        raise TypeError("no array was given")
-    return first_xp, first_device
-
-
-def compute_dtype(xp: Any, x: Any, name: str) -> Any:
-    """The dtype a solver computes in for input ``x``.
-
-    float16 and bfloat16 are computed in float32 (their range and precision are too small for
-    Gram matrices and factorizations); float32 and float64 are kept.
-
-    Raises
-    ------
-    TypeError
-        If ``x`` is not a real floating-point array.
-    """
-    dtype = x.dtype
-    if dtype == xp.float64:
-        return xp.float64
-    if dtype == xp.float32:
-        return xp.float32
-    if dtype == getattr(xp, "float16", None) or dtype == getattr(xp, "bfloat16", None):
-        return xp.float32
-    raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 array, got dtype {dtype}")
-
-
-def common_compute_dtype(xp: Any, **arrays: Any) -> Any:
-    """The widest compute dtype among the named arrays (``None`` values skipped)."""
-    dtypes = [compute_dtype(xp, x, name) for name, x in arrays.items() if x is not None]
-    return xp.float64 if any(d == xp.float64 for d in dtypes) else xp.float32
-
-
-def as_compute_matrix(xp: Any, x: Any, name: str, dtype: Any) -> Any:
-    """Check that ``x`` is a finite 2-D floating array and return it in ``dtype``."""
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(x.shape)}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
-    compute_dtype(xp, x, name)
-    x = xp.astype(x, dtype, copy=False) if x.dtype != dtype else x
-    check_finite(xp, x, name)
-    return x
-
-
-def layer_input(X: Any, weight: Any, d_in: int) -> tuple[Any, Any]:
-    """Validate the inputs ``X`` ``(..., d_in)`` of a compressed layer whose stored ``weight``
-    part sets the namespace, device and dtype; return ``(xp, X)`` with ``X`` cast to it."""
-    xp, _ = resolve_namespace(X=X, weight=weight)
-    if X.ndim < 1 or X.shape[-1] != d_in:
-        raise ValueError(f"X must have shape (..., d_in) with d_in = {d_in}, got {tuple(X.shape)}")
-    compute_dtype(xp, X, "X")
-    if X.dtype != weight.dtype:
-        X = xp.astype(X, weight.dtype)
-    return xp, X
-
-
-def check_finite(xp: Any, x: Any, name: str) -> None:
-    """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or Inf.
-
-    One reduction and one host read per call: done at entry points, never inside loops.
-    """
-    if not bool(xp.all(xp.isfinite(x))):
-        raise ValueError(f"{name} contains NaN or Inf")
-
-
-def check_gram(xp: Any, H: Any, d_in: int, name: str = "H") -> None:
-    """Validate a Gram matrix ``H = XᵀX`` of shape ``(d_in, d_in)``.
-
-    Checks shape, symmetry (to a tolerance relative to the largest entry and the dtype) and a
-    non-negative diagonal. A singular ``H`` (dead inputs, fewer samples than inputs) is valid.
-    """
-    if H.ndim != 2 or H.shape[0] != H.shape[1]:
-        raise ValueError(f"{name} must be a square (d_in, d_in) matrix, got shape {tuple(H.shape)}")
-    if H.shape[0] != d_in:
-        raise ValueError(f"{name} has shape {tuple(H.shape)} but W has d_in = {d_in} rows; "
-                         f"H must be ({d_in}, {d_in})")
-    check_symmetric(xp, H, name, "a Gram matrix XᵀX")
-    if float(xp.min(xp.linalg.diagonal(H))) < 0:
-        raise ValueError(f"{name} must be positive semi-definite (a Gram matrix XᵀX), but its "
-                         f"diagonal has negative entries")
-
-
-def check_symmetric(xp: Any, A: Any, name: str, what: str = "symmetric") -> None:
-    """Raise ``ValueError`` naming ``name`` unless the square ``A`` is symmetric to rounding.
-
-    The tolerance is relative to the largest entry, the dtype and the size (a Gram matrix
-    accumulated in floating point is symmetric only to rounding).
-    """
-    if A.ndim != 2 or A.shape[0] != A.shape[1]:
-        raise ValueError(f"{name} must be square, got shape {tuple(A.shape)}")
-    scale = float(xp.max(xp.abs(A)))
-    asymmetry = float(xp.max(xp.abs(A - A.T)))
-    eps = float(xp.finfo(A.dtype).eps)
-    if asymmetry > 100 * eps * max(scale, 1e-300) * math.sqrt(A.shape[0]):
-        raise ValueError(f"{name} must be symmetric ({what}); max |{name} - {name}ᵀ| = "
-                         f"{asymmetry:.3g} against max |{name}| = {scale:.3g}")
-
-
-def check_count(name: str, value: Any, minimum: int) -> int:
-    """A Python/NumPy integer ``>= minimum``, else a ``ValueError`` naming ``name``."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def check_positive(name: str, value: Any) -> float:
-    """A finite real ``value > 0`` as a float, else a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def check_shape(shape: Any) -> tuple[int, int]:
-    """``shape`` as a pair of positive ints ``(d_in, d_out)``, else a ``ValueError``."""
-    try:
-        d_in, d_out = (operator.index(n) for n in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"shape must be a pair of positive integers (d_in, d_out), "
-                         f"got {shape!r}") from None
-    if d_in < 1 or d_out < 1:
-        raise ValueError(f"shape must be a pair of positive integers (d_in, d_out), got {shape!r}")
-    return d_in, d_out
+def _is_seed(rng: Any) -> bool:
+    """An int seed (NumPy integers included; ``bool`` is not a seed)."""
+    return isinstance(rng, (int, np.integer)) and not isinstance(rng, bool)
 
 
 def _numpy_generator(rng: Any) -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
         return rng
-    if rng is None or isinstance(rng, (int, np.integer)):
+    if rng is None or _is_seed(rng):
         return np.random.default_rng(rng)
-    raise TypeError(f"rng must be None, an int seed or a numpy.random.Generator, got {_type_name(rng)}")
+    raise TypeError(f"rng must be None, an int seed or a numpy.random.Generator, got {type_name(rng)}")
 
 
 def random_normal(xp: Any, shape: tuple[int, ...], *, dtype: Any, device: Any, rng: Any) -> Any:
@@ -243,21 +74,21 @@ def random_normal(xp: Any, shape: tuple[int, ...], *, dtype: Any, device: Any, r
             generator = torch.Generator(device=device)
             if rng is None:
                 generator.seed()
-            elif isinstance(rng, (int, np.integer)):
+            elif _is_seed(rng):
                 generator.manual_seed(int(rng))
             else:
-                raise TypeError(f"rng must be None, an int seed or a torch.Generator, got {_type_name(rng)}")
+                raise TypeError(f"rng must be None, an int seed or a torch.Generator, got {type_name(rng)}")
         return torch.randn(shape, generator=generator, dtype=dtype, device=device)
     if is_cupy_namespace(xp):
         import cupy
 
         if isinstance(rng, cupy.random.Generator):
             generator = rng
-        elif rng is None or isinstance(rng, (int, np.integer)):
+        elif rng is None or _is_seed(rng):
             generator = cupy.random.default_rng(rng)
         else:
             raise TypeError("rng must be None, an int seed or a cupy.random.Generator, "
-                            f"got {_type_name(rng)}")
+                            f"got {type_name(rng)}")
         with cupy.cuda.Device(device):
             return generator.standard_normal(shape, dtype=dtype)
     samples = _numpy_generator(rng).standard_normal(shape)
@@ -317,7 +148,7 @@ def top_k_mask(xp: Any, scores: Any, k: int, axis: int | None = None) -> Any:
         return xp.ones(scores.shape, dtype=xp.bool, device=device)
     threshold = kth_largest(xp, scores, k, axis)
     at_least = scores >= threshold
-    if _on_host(xp, device):
+    if on_host(xp, device):
         if bool(xp.all(xp.count_nonzero(at_least, axis=axis) == k)):
             return at_least
     above = scores > threshold
@@ -333,7 +164,7 @@ def top_k_mask(xp: Any, scores: Any, k: int, axis: int | None = None) -> Any:
     return above | (at & (rank_at <= missing))
 
 
-def _on_host(xp: Any, device: Any) -> bool:
+def on_host(xp: Any, device: Any) -> bool:
     """True when reading a value back is free (no device to synchronise with)."""
     if is_cupy_namespace(xp):
         return False
@@ -472,17 +303,6 @@ def contiguous(xp: Any, x: Any) -> Any:
     return x
 
 
-def diagonal_scale(xp: Any, G: Any) -> tuple[Any, Any]:
-    """``(√diag(G), dead)`` for preconditioning a Gram matrix to a unit diagonal.
-
-    ``dead`` marks the non-positive diagonal entries (inputs or columns that never contribute);
-    their scale is 1 so that dividing by it is always safe, and callers zero what they own.
-    """
-    diagonal = xp.linalg.diagonal(G)
-    dead = diagonal <= 0
-    return xp.sqrt(xp.where(dead, xp.ones_like(diagonal), diagonal)), dead
-
-
 def add_to_diagonal(xp: Any, A: Any, values: Any) -> Any:
     """``A + diag(values)`` for a square ``A``; ``values`` a scalar or a vector (new array)."""
     n = A.shape[0]
@@ -505,9 +325,7 @@ def synchronize(xp: Any, device: Any) -> None:
         cupy.cuda.get_current_stream().synchronize()
 
 
-
 # --- Pivoted QR: the one factorization no GPU library ships --------------------------------------
-
 
 
 def pivoted_qr(xp: Any, A: Any, k: int, *, refresh: int = 1) -> tuple[Any, Any]:
@@ -636,8 +454,6 @@ def _generic_pivoted_qr(xp: Any, A: Any, k: int, refresh: int) -> tuple[Any, Any
         else:
             norms2 = xp.maximum(norms2 - row * row, zero)
     return xp.stack(pivots), xp.stack(rows)
-
-
 
 
 def chained_products(xp: Any, X: Any, A: Any, B: Any) -> Any:

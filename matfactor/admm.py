@@ -33,15 +33,16 @@ are set to zero and take no share of the budget.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ._array import add_to_diagonal, check_count, diagonal_scale, resolve_namespace, spd_inverse
+from . import _validation as check
+from ._array import add_to_diagonal, spd_inverse
+from ._hessian import unit_diagonal
 from .exceptions import ConvergenceWarning
-from .pruning import prepare_pruning_problem
-from .sparsity import SparsityPattern, cubic_schedule, gradual_mask
+from .pruning import _prepare_pruning_problem
+from .sparsity import SparsityPattern, _cubic_schedule, _gradual_mask, mask_satisfies
 
 __all__ = ["AdmmState", "admm_prune", "admm_solve"]
 
@@ -71,9 +72,20 @@ class AdmmState:
     iterations: int
     converged: bool | None = None
 
+    def __post_init__(self) -> None:
+        xp, _ = check.namespace(Z=self.Z, U=self.U, mask=self.mask)
+        dtype = check.common_dtype(xp, Z=self.Z, U=self.U)
+        Z = check.matrix(xp, self.Z, "AdmmState.Z", dtype)
+        check.matrix(xp, self.U, "AdmmState.U", dtype, shape=tuple(Z.shape))
+        check.boolean_mask(xp, self.mask, "AdmmState.mask", tuple(Z.shape))
+        object.__setattr__(self, "iterations",
+                           check.integer("AdmmState.iterations", self.iterations, minimum=0))
+        if self.converged is not None:
+            object.__setattr__(self, "converged", check.flag("AdmmState.converged", self.converged))
+
 
 @dataclass(frozen=True)
-class AdmmFactor:
+class _AdmmFactor:
     """The problem's ``H`` in coordinates where ``diag(H) = 1``, factored once for a fixed ρ.
 
     Everything ADMM pruning needs of ``H``, reusable for any weight (the sparse-plus-low-rank
@@ -87,61 +99,53 @@ class AdmmFactor:
     dead: Any       # boolean, per input
 
 
-def admm_factor(xp: Any, H: Any, damping: float, rho: float) -> AdmmFactor:
+def _admm_factor(xp: Any, H: Any, damping: float, rho: float) -> _AdmmFactor:
     """Precondition ``H`` to a unit diagonal, damp it, and invert ``H + ρI`` (``d_in³``, once)."""
-    scale, dead = diagonal_scale(xp, H)  # not all dead: checked by prepare_pruning_problem
+    scale, dead = unit_diagonal(xp, H)  # not all dead: checked by _prepare_pruning_problem
     H_n = add_to_diagonal(xp, H / scale[:, None] / scale[None, :], damping)
-    return AdmmFactor(H_n, spd_inverse(xp, add_to_diagonal(xp, H_n, rho)), rho, scale, dead)
+    return _AdmmFactor(H_n, spd_inverse(xp, add_to_diagonal(xp, H_n, rho)), rho, scale, dead)
 
 
-def _to_user(xp: Any, factor: AdmmFactor, A: Any) -> Any:
+def _to_user(xp: Any, factor: _AdmmFactor, A: Any) -> Any:
     return xp.where(factor.dead[:, None], xp.zeros_like(A), A / factor.scale[:, None])
 
 
-def _from_user(xp: Any, factor: AdmmFactor, A: Any) -> Any:
+def _from_user(xp: Any, factor: _AdmmFactor, A: Any) -> Any:
     return xp.where(factor.dead[:, None], xp.zeros_like(A), A * factor.scale[:, None])
 
 
-def _check_parameter(name: str, value: Any, *, minimum: float, strict: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        relation = ">" if strict else ">="
-        raise ValueError(f"{name} must be {relation} {minimum}, got {value!r}")
-    return float(value)
+def _admm_prune_options(iters: Any, gradual_iters: Any, damping: Any, rho: Any,
+                        ) -> tuple[int, int, float, float]:
+    """The options of :func:`admm_prune`, validated."""
+    iters = check.integer("iters", iters, minimum=1)
+    gradual_iters = check.integer("gradual_iters", gradual_iters, minimum=0, maximum=iters,
+                                  what=f"(at most iters = {iters})")
+    return iters, gradual_iters, check.damping(damping), check.real("rho", rho, minimum=0.0,
+                                                                      low_open=True)
 
 
-def check_admm_prune_options(iters: Any, gradual_iters: Any, damping: Any, rho: Any,
-                             ) -> tuple[int, int, float, float]:
-    """The options of :func:`admm_prune`, validated, else a ``ValueError`` naming the first bad one."""
-    iters = check_count("iters", iters, 1)
-    gradual_iters = check_count("gradual_iters", gradual_iters, 0)
-    if gradual_iters > iters:
-        raise ValueError(f"gradual_iters ({gradual_iters}) must not exceed iters ({iters})")
-    damping = _check_parameter("damping", damping, minimum=0.0, strict=False)
-    rho = _check_parameter("rho", rho, minimum=0.0, strict=True)
-    return iters, gradual_iters, damping, rho
-
-
-def _check_warm_start(xp: Any, warm_start: AdmmState | None, shape: tuple[int, ...]) -> None:
+def _warm_start(xp: Any, warm_start: Any, W: Any, w_exponent: int) -> AdmmState | None:
+    """A warm start on the scaled problem: ``Z`` and ``U`` in the scale of the validated ``W``."""
     if warm_start is None:
-        return
+        return None
     if not isinstance(warm_start, AdmmState):
-        raise TypeError(f"warm_start must be an AdmmState, got {type(warm_start).__name__}")
-    for name in ("Z", "U"):
-        value = getattr(warm_start, name)
-        if tuple(value.shape) != shape:
-            raise ValueError(f"warm_start.{name} has shape {tuple(value.shape)}, expected {shape}")
+        raise TypeError(f"warm_start must be an AdmmState (from return_state=True), got "
+                        f"{check.type_name(warm_start)}")
+    check.namespace(W=W, **{"warm_start.Z": warm_start.Z})
+    shape = tuple(W.shape)
+    Z = check.matrix(xp, warm_start.Z, "warm_start.Z", W.dtype, shape=shape)
+    U = check.matrix(xp, warm_start.U, "warm_start.U", W.dtype, shape=shape)
+    return AdmmState(check.times_power_of_two(xp, Z, -w_exponent),
+                     check.times_power_of_two(xp, U, -w_exponent), warm_start.mask,
+                     warm_start.iterations, warm_start.converged)
 
 
-def _warm_iterate(xp: Any, factor: AdmmFactor, warm_start: AdmmState, dtype: Any,
-                  ) -> tuple[Any, Any]:
-    """The previous ``(Z, U)`` of a warm start, in preconditioned coordinates."""
-    return (_from_user(xp, factor, xp.astype(warm_start.Z, dtype)),
-            _from_user(xp, factor, xp.astype(warm_start.U, dtype)))
+def _warm_iterate(xp: Any, factor: _AdmmFactor, warm_start: AdmmState) -> tuple[Any, Any]:
+    """The previous ``(Z, U)`` of a validated warm start, in preconditioned coordinates."""
+    return _from_user(xp, factor, warm_start.Z), _from_user(xp, factor, warm_start.U)
 
 
-def admm_iterations(xp: Any, H_rho_inv: Any, target: Any, rho: float, W_hat: Any, U: Any,
+def _admm_iterations(xp: Any, H_rho_inv: Any, target: Any, rho: float, W_hat: Any, U: Any,
                      iters: int, mask_at: Callable[[int, Any], Any],
                      ) -> tuple[Any, Any, Any, Any]:
     """Run eq. (1): ``iters`` Ŵ-updates, each preceded by the Z- and U-updates.
@@ -215,21 +219,31 @@ def admm_prune(W: Any, H: Any, *, density: float | None = None,
     W_sparse or AdmmState
         The pruned weight in the compute dtype, meeting ``pattern`` and its budget exactly.
     """
-    problem = prepare_pruning_problem(W, H, density, pattern, needs_H=True)
-    iters, gradual_iters, damping, rho = check_admm_prune_options(iters, gradual_iters, damping, rho)
+    problem = _prepare_pruning_problem(W, H, density, pattern, needs_H=True)
+    iters, gradual_iters, damping, rho = _admm_prune_options(iters, gradual_iters, damping, rho)
+    return_state = check.flag("return_state", return_state)
     xp = problem.xp
-    _check_warm_start(xp, warm_start, tuple(problem.W.shape))
+    warm_start = _warm_start(xp, warm_start, problem.W, problem.w_exponent)
+    if warm_start is not None and gradual_iters == 0 \
+            and not mask_satisfies(warm_start.mask, problem.density, problem.pattern):
+        raise ValueError(f"warm_start.mask does not meet pattern '{problem.pattern}' at density "
+                         f"{problem.density:g} exactly, and gradual_iters=0 keeps it: pass the "
+                         "state of a run with the same density and pattern")
 
-    factor = admm_factor(xp, problem.H, damping, rho)
-    return admm_prune_with_factor(xp, problem.W, factor, problem.density, problem.pattern,
-                                  iters, gradual_iters, warm_start=warm_start,
-                                  return_state=return_state)
+    factor = _admm_factor(xp, problem.H, damping, rho)
+    result = _admm_prune_with_factor(xp, problem.W, factor, problem.density, problem.pattern,
+                                     iters, gradual_iters, warm_start=warm_start,
+                                     return_state=return_state)
+    if not return_state:
+        return problem.restore(result)
+    return AdmmState(problem.restore(result.Z), problem.restore(result.U), result.mask,
+                     result.iterations, result.converged)
 
 
-def admm_prune_with_factor(xp: Any, W: Any, factor: AdmmFactor, density: float,
+def _admm_prune_with_factor(xp: Any, W: Any, factor: _AdmmFactor, density: float,
                            pattern: SparsityPattern, iters: int, gradual_iters: int, *,
                            warm_start: AdmmState | None = None, return_state: bool = False) -> Any:
-    """:func:`admm_prune` on validated inputs with a precomputed :class:`AdmmFactor`.
+    """:func:`admm_prune` on validated inputs with a precomputed :class:`_AdmmFactor`.
 
     Costs ``iters + 1`` GEMMs of ``(d_in, d_in)`` by ``(d_in, d_out)`` and no factorization.
     """
@@ -241,21 +255,21 @@ def admm_prune_with_factor(xp: Any, W: Any, factor: AdmmFactor, density: float,
         W_hat, U, remaining = W_n, xp.zeros_like(W_n), iters
     else:
         # Warm start: resume with the Ŵ-update from the previous (Z, U), the first of `iters`.
-        Z, U = _warm_iterate(xp, factor, warm_start, W.dtype)
+        Z, U = _warm_iterate(xp, factor, warm_start)
         W_hat, remaining = factor.H_rho_inv @ (target + rho * (Z - U)), iters - 1
 
     def mask_at(t: int, V: Any) -> Any:
         # Dead inputs have Ŵ + U = 0 exactly, so they are the first to go.
         if t < gradual_iters:
-            return gradual_mask(xp, xp.abs(V), density, pattern,
-                                cubic_schedule(t + 1, gradual_iters))
+            return _gradual_mask(xp, xp.abs(V), density, pattern,
+                                _cubic_schedule(t + 1, gradual_iters))
         if t == 0:  # no gradual phase: keep a warm start's mask, or select one at once
             if warm_start is not None:
                 return warm_start.mask
-            return gradual_mask(xp, xp.abs(V), density, pattern, 1.0)
+            return _gradual_mask(xp, xp.abs(V), density, pattern, 1.0)
         return None
 
-    _, Z, U, mask = admm_iterations(xp, factor.H_rho_inv, target, rho, W_hat, U, remaining,
+    _, Z, U, mask = _admm_iterations(xp, factor.H_rho_inv, target, rho, W_hat, U, remaining,
                                     mask_at)
     Z_user = _to_user(xp, factor, Z)
     if not return_state:
@@ -314,23 +328,21 @@ def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 
     ConvergenceWarning
         If ``max_iters`` is reached before ``tol``; the last iterate is returned.
     """
-    problem = prepare_pruning_problem(W, H, 1.0, "unstructured", needs_H=True)
-    xp, device = resolve_namespace(W=W, mask=mask)
-    if mask.dtype != xp.bool:
-        raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
-    if tuple(mask.shape) != tuple(problem.W.shape):
-        raise ValueError(f"mask has shape {tuple(mask.shape)} but W has shape "
-                         f"{tuple(problem.W.shape)}")
-    damping = _check_parameter("damping", damping, minimum=0.0, strict=False)
-    rho = _check_parameter("rho", rho, minimum=0.0, strict=True)
-    max_iters = check_count("max_iters", max_iters, 1)
-    check_every = check_count("check_every", check_every, 1)
+    problem = _prepare_pruning_problem(W, H, 1.0, "unstructured", needs_H=True)
+    xp, _ = check.namespace(W=W, mask=mask)
+    mask = check.boolean_mask(xp, mask, "mask", tuple(problem.W.shape))
+    damping = check.damping(damping)
+    rho = check.real("rho", rho, minimum=0.0, low_open=True)
+    max_iters = check.integer("max_iters", max_iters, minimum=1)
+    check_every = check.integer("check_every", check_every, minimum=1)
     if tol is None:
         tol = 1e-10 if problem.W.dtype == xp.float64 else 1e-5
-    tol = _check_parameter("tol", tol, minimum=0.0, strict=True)
-    _check_warm_start(xp, warm_start, tuple(problem.W.shape))
+    tol = check.real("tol", tol, minimum=0.0, low_open=True)
+    adaptive_rho = check.flag("adaptive_rho", adaptive_rho)
+    return_state = check.flag("return_state", return_state)
+    warm_start = _warm_start(xp, warm_start, problem.W, problem.w_exponent)
 
-    factor = admm_factor(xp, problem.H, damping, rho)
+    factor = _admm_factor(xp, problem.H, damping, rho)
     H_n, H_rho_inv = factor.H, factor.H_rho_inv
     W_n = _from_user(xp, factor, problem.W)
     target = H_n @ W_n
@@ -338,7 +350,7 @@ def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 
     if warm_start is None:
         Z, U = xp.where(mask, W_n, zeros), zeros
     else:
-        Z, U = _warm_iterate(xp, factor, warm_start, problem.W.dtype)
+        Z, U = _warm_iterate(xp, factor, warm_start)
         Z = xp.where(mask, Z, zeros)
 
     converged = False
@@ -371,7 +383,7 @@ def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 
                       f"(primal residual {primal / scale:.2e}, dual {dual / scale:.2e}, relative); "
                       "a rank-deficient H with damping=0 converges slowly: set damping > 0 or "
                       "raise max_iters", ConvergenceWarning, stacklevel=2)
-    Z_user = _to_user(xp, factor, Z)
+    Z_user = problem.restore(_to_user(xp, factor, Z))
     if not return_state:
         return Z_user
-    return AdmmState(Z_user, _to_user(xp, factor, U), mask, iterations, converged)
+    return AdmmState(Z_user, problem.restore(_to_user(xp, factor, U)), mask, iterations, converged)

@@ -27,29 +27,17 @@ product) and ``inner_iters − 1`` products; masks are chosen by partial selecti
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat
 
-from ._array import (
-    add_to_diagonal,
-    as_compute_matrix,
-    check_count,
-    check_gram,
-    common_compute_dtype,
-    contiguous,
-    diagonal_scale,
-    layer_input,
-    resolve_namespace,
-    spd_inverse,
-    spd_solve,
-    top_k_mask,
-)
-from .admm import admm_iterations
+from . import _validation as check
+from ._array import add_to_diagonal, contiguous, spd_inverse, spd_solve, top_k_mask
+from ._hessian import unit_diagonal
+from .admm import _admm_iterations
 from .error import layer_error
-from .sparsity import SparsityPattern, check_density, keep_count
+from .sparsity import SparsityPattern, _keep_count
 from .sylvester import SylvesterSolver
 
 __all__ = ["DoubleSparse", "double_sparse", "dsf_budget_split"]
@@ -59,7 +47,7 @@ _UNSTRUCTURED = SparsityPattern("unstructured")
 #: Shares of the total budget the square factor gets by default (see :func:`dsf_budget_split`):
 #: when it is the factor that the layer-wise finalization re-fits (next to the output), and
 #: otherwise.
-AUTO_SHARE_REFIT, AUTO_SHARE_OTHER = 1 / 3, 0.2
+_AUTO_SHARE_REFIT, _AUTO_SHARE_OTHER = 1 / 3, 0.2
 
 
 @dataclass(frozen=True)
@@ -75,8 +63,15 @@ class DoubleSparse:
     A: Any
     B: Any
 
+    def __post_init__(self) -> None:
+        xp, _ = check.namespace(A=self.A, B=self.B)
+        dtype = check.common_dtype(xp, A=self.A, B=self.B)
+        A = check.matrix(xp, self.A, "A", dtype)
+        check.matrix(xp, self.B, "B", dtype, shape=(A.shape[1], None))
+
     @property
     def shape(self) -> tuple[int, int]:
+        """``(d_in, d_out)`` of the approximated weight."""
         return (self.A.shape[0], self.B.shape[1])
 
     def dense(self) -> Any:
@@ -88,7 +83,7 @@ class DoubleSparse:
 
         ``X`` has shape ``(..., d_in)``; it is computed in the factors' dtype.
         """
-        _, X = layer_input(X, self.A, self.A.shape[0])
+        _, X = check.layer_input(X, self.A, self.A.shape[0])
         return (X @ self.A) @ self.B
 
     @property
@@ -133,18 +128,30 @@ def dsf_budget_split(shape: tuple[int, int], density: float, split: str | float 
     (nnz_square, nnz_other)
         Never more than each factor's size; what one cannot hold goes to the other.
     """
+    d_in, d_out = check.shape(shape)
+    density = check.density(density, _UNSTRUCTURED)
+    layerwise = check.flag("layerwise", layerwise)
+    return _budget_split((d_in, d_out), density, split, layerwise)
+
+
+def _budget_split(shape: tuple[int, int], density: float, split: Any, layerwise: bool,
+                  ) -> tuple[int, int]:
     d_in, d_out = shape
     k, m = min(d_in, d_out), max(d_in, d_out)
-    total = keep_count(check_density(density, _UNSTRUCTURED), d_in * d_out)
+    total = _keep_count(density, d_in * d_out)
+    # split is 'auto', 'paper' or a share in (0, 1).
+    if isinstance(split, str):
+        split = check.choice("split", split, ("auto", "paper"))
+    else:
+        split = check.real("split", split, minimum=0.0, maximum=1.0, low_open=True,
+                           high_open=True)
     if split == "auto":
-        share = AUTO_SHARE_REFIT if layerwise and d_in > d_out else AUTO_SHARE_OTHER
+        share = _AUTO_SHARE_REFIT if layerwise and d_in > d_out else _AUTO_SHARE_OTHER
         square = math.floor(share * total)
     elif split == "paper":
         square = math.floor((0.16 if d_in == d_out else 0.25) * k * k)
-    elif isinstance(split, numbers.Real) and not isinstance(split, bool) and 0.0 < float(split) < 1.0:
-        square = math.floor(float(split) * total)
     else:
-        raise ValueError(f"split must be 'auto', 'paper' or a share in (0, 1), got {split!r}")
+        square = math.floor(split * total)
     square = min(square, k * k, total)
     other = min(total - square, k * m)
     square = min(total - other, k * k)
@@ -197,46 +204,53 @@ def double_sparse(W: Any, density: float, H: Any | None = None, *, split: str | 
     DoubleSparse
         Factors in the compute dtype on the input's device.
     """
-    xp, device = resolve_namespace(W=W, H=H, square_mask=square_mask)
-    dtype = common_compute_dtype(xp, W=W, H=H)
-    W = as_compute_matrix(xp, W, "W", dtype)
+    # The factorization is exactly homogeneous under powers of two (H by even ones): it
+    # computes at unit magnitude, and the scale goes back to the factor that carries W's (the
+    # one other than the square factor: A of a tall weight, B otherwise).
+    xp, _, W, H, w_exponent = check.layer_problem(W, H, needs_H=False, require_live=True)
+    check.namespace(W=W, square_mask=square_mask, optional=("square_mask",))
     d_in, d_out = W.shape
     k = min(d_in, d_out)
-    if H is not None:
-        H = as_compute_matrix(xp, H, "H", dtype)
-        check_gram(xp, H, d_in)
-        if not bool(xp.any(xp.linalg.diagonal(H) > 0)):
-            raise ValueError("H has an all-zero diagonal: every input is dead, there is nothing "
-                             "to reconstruct")
-    outer_iters = check_count("outer_iters", outer_iters, 1)
-    inner_iters = check_count("inner_iters", inner_iters, 1)
-    mask_iters = check_count("mask_iters", mask_iters, 0)
-    finalize_iters = check_count("finalize_iters", finalize_iters, 1)
-    if mask_iters > inner_iters:
-        raise ValueError(f"mask_iters ({mask_iters}) must not exceed inner_iters ({inner_iters})")
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) \
-            or not math.isfinite(damping) or damping <= 0:
-        raise ValueError(f"damping must be a positive number, got {damping!r}")
+    density = check.density(density, _UNSTRUCTURED)
+    outer_iters = check.integer("outer_iters", outer_iters, minimum=1)
+    inner_iters = check.integer("inner_iters", inner_iters, minimum=1)
+    mask_iters = check.integer("mask_iters", mask_iters, minimum=0, maximum=inner_iters,
+                               what=f"(at most inner_iters = {inner_iters})")
+    finalize_iters = check.integer("finalize_iters", finalize_iters, minimum=1)
+    damping = check.damping(damping, positive=True)
+    finalize = check.flag("finalize", finalize)
+    finalize_input_factor = check.flag("finalize_input_factor", finalize_input_factor)
 
     if square_mask is not None:
-        if square_mask.dtype != xp.bool or tuple(square_mask.shape) != (k, k):
-            raise ValueError(f"square_mask must be a boolean ({k}, {k}) array, got dtype "
-                             f"{square_mask.dtype} and shape {tuple(square_mask.shape)}")
+        square_mask = check.boolean_mask(xp, square_mask, "square_mask", (k, k))
         nnz_square = int(xp.count_nonzero(square_mask))
-        total = keep_count(check_density(density, _UNSTRUCTURED), d_in * d_out)
+        total = _keep_count(density, d_in * d_out)
         nnz_other = min(total - nnz_square, d_in * d_out)
         if nnz_square < 1 or nnz_other < 1:
             raise ValueError(f"square_mask keeps {nnz_square} entries of a budget of {total}: "
                              "both factors need nonzeros")
     else:
-        nnz_square, nnz_other = dsf_budget_split((d_in, d_out), check_density(density, _UNSTRUCTURED), split,
-                                                 layerwise=H is not None)
+        nnz_square, nnz_other = _budget_split((d_in, d_out), density, split,
+                                              layerwise=H is not None)
 
+    A, B = _double_sparse(xp, W, H, nnz_square, nnz_other, outer_iters, inner_iters, mask_iters,
+                          damping, finalize, finalize_input_factor, finalize_iters, square_mask)
+    if d_in > d_out:
+        return DoubleSparse(check.times_power_of_two(xp, A, w_exponent), B)
+    return DoubleSparse(A, check.times_power_of_two(xp, B, w_exponent))
+
+
+def _double_sparse(xp: Any, W: Any, H: Any | None, nnz_square: int, nnz_other: int,
+                   outer_iters: int, inner_iters: int, mask_iters: int, damping: float,
+                   finalize: bool, finalize_input_factor: bool, finalize_iters: int,
+                   square_mask: Any | None) -> tuple[Any, Any]:
+    """:func:`double_sparse` on validated, scaled arrays: ``(A, B)``."""
+    d_in, d_out = W.shape
     # Layer-wise: project the input-norm-scaled weight (section 4.3; Wanda's scaling).
     if H is None:
         scale, target = None, W
     else:
-        scale, dead = diagonal_scale(xp, H)
+        scale, dead = unit_diagonal(xp, H)
         target = xp.where(dead[:, None], xp.zeros_like(W), W * scale[:, None])
 
     # Work with T (k × m) ≈ S (k × k) @ other (k × m), k <= m: transpose a tall weight.
@@ -253,7 +267,7 @@ def double_sparse(W: Any, density: float, H: Any | None = None, *, split: str | 
             if finalize_input_factor:
                 A = _finalize_input_factor(xp, W, H, A, B, finalize_iters)
             B = _finalize_output_factor(xp, W, H, A, B, finalize_iters)
-    return DoubleSparse(A, B)
+    return A, B
 
 
 def _project(xp: Any, T: Any, nnz_square: int, nnz_other: int, outer_iters: int,
@@ -293,7 +307,7 @@ def _sparse_regression(xp: Any, G: Any, FtT: Any, Z: Any, U: Any, nnz: int, rho0
     # The S-update passes transposed views: one copy into row-major order here keeps every
     # elementwise pass of the ADMM loop on uniformly ordered memory (see _array.contiguous).
     G, FtT, Z, U = (contiguous(xp, A) for A in (G, FtT, Z, U))
-    scale, dead = diagonal_scale(xp, G)
+    scale, dead = unit_diagonal(xp, G)
     G_n = G / scale[:, None] / scale[None, :]
     live_fraction = 1.0 - float(xp.mean(xp.astype(dead, G.dtype)))
     G_n = add_to_diagonal(xp, G_n, damping * live_fraction)
@@ -312,7 +326,7 @@ def _sparse_regression(xp: Any, G: Any, FtT: Any, Z: Any, U: Any, nnz: int, rho0
             return top_k_mask(xp, xp.abs(V), nnz)
         return None
 
-    _, Z_n, U_n, _ = admm_iterations(xp, G_rho_inv, target, rho, first, U_n, inner_iters - 1,
+    _, Z_n, U_n, _ = _admm_iterations(xp, G_rho_inv, target, rho, first, U_n, inner_iters - 1,
                                      mask_at)
     return Z_n / scale[:, None], U_n / scale[:, None]
 
@@ -322,13 +336,13 @@ def _finalize_output_factor(xp: Any, W: Any, H: Any, A: Any, B: Any, iters: int)
     HA = H @ A
     G = A.T @ HA
     target = HA.T @ W
-    scale, _ = diagonal_scale(xp, G)
+    scale, _ = unit_diagonal(xp, G)
     G_n = G / scale[:, None] / scale[None, :]
     rho = 1.0
     G_rho_inv = spd_inverse(xp, add_to_diagonal(xp, G_n, rho), name="AᵀHA")
     mask = B != 0
     B_n = B * scale[:, None]
-    _, Z_n, _, _ = admm_iterations(xp, G_rho_inv, target / scale[:, None], rho, B_n,
+    _, Z_n, _, _ = _admm_iterations(xp, G_rho_inv, target / scale[:, None], rho, B_n,
                                    xp.zeros_like(B_n), iters, lambda t, V: mask if t == 0 else None)
     return Z_n / scale[:, None]
 
@@ -341,7 +355,7 @@ def _finalize_input_factor(xp: Any, W: Any, H: Any, A: Any, B: Any, iters: int) 
     and one of ``BBᵀ``. Inputs are normalised (``diag(H) = 1``) and ``ρ`` is taken relative to
     the scale of ``BBᵀ``, so that one value fits every layer.
     """
-    scale, dead = diagonal_scale(xp, H)
+    scale, dead = unit_diagonal(xp, H)
     H_n = H / scale[:, None] / scale[None, :]
     N = B @ B.T
     solver = SylvesterSolver(H_n, N)

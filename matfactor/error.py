@@ -10,15 +10,20 @@ and with ``H = None`` the Frobenius version ``||D||²_F / ||W||²_F``. Any posit
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from ._array import as_compute_matrix, check_gram, common_compute_dtype, resolve_namespace
+from . import _validation as check
 
-__all__ = ["layer_error", "weighted_sq_norm"]
+__all__ = ["layer_error"]
 
 
-def weighted_sq_norm(xp: Any, D: Any, H: Any | None) -> Any:
-    """``tr(Dᵀ H D)`` (or ``||D||²_F`` for ``H=None``) as a 0-d array, without a host read."""
+def _weighted_sq_norm(xp: Any, D: Any, H: Any | None) -> Any:
+    """``tr(Dᵀ H D)`` (or ``||D||²_F`` for ``H=None``) as a 0-d array, without a host read.
+
+    On validated arrays of moderate magnitude (the solvers' scaled problems): it overflows
+    where ``D² H`` does.
+    """
     if H is None:
         return xp.sum(D * D)
     return xp.sum(D * (H @ D))
@@ -40,19 +45,36 @@ def layer_error(W: Any, W_hat: Any, H: Any | None = None) -> float:
     Returns
     -------
     float
-        The relative error; 0 for an exact approximation. ``W`` with ``tr(WᵀHW) = 0`` (nothing
-        to reconstruct) is an error.
+        The relative error; 0 for an exact approximation, ``inf`` only when the ratio exceeds
+        the range of a Python float. ``W`` with ``tr(WᵀHW) = 0`` (nothing to reconstruct) is an
+        error.
+
+    Notes
+    -----
+    Exact in its scaling for any finite input of the dtype: ``W``, ``W_hat`` and ``H`` are
+    brought to unit magnitude by powers of two (``W`` and ``W_hat`` by a common one, so that
+    their difference cannot overflow), the difference ``D`` and ``W`` are each scaled to unit
+    magnitude again before the weighted sums of squares, and the ratio of the two sums is
+    scaled back in Python floats.
     """
-    xp, _ = resolve_namespace(W=W, W_hat=W_hat, H=H)
-    dtype = common_compute_dtype(xp, W=W, W_hat=W_hat, H=H)
-    W = as_compute_matrix(xp, W, "W", dtype)
-    W_hat = as_compute_matrix(xp, W_hat, "W_hat", dtype)
-    if W_hat.shape != W.shape:
-        raise ValueError(f"W_hat has shape {tuple(W_hat.shape)} but W has shape {tuple(W.shape)}")
+    xp, _ = check.namespace(W=W, W_hat=W_hat, H=H, optional=("H",))
+    dtype = check.common_dtype(xp, W=W, W_hat=W_hat, H=H)
+    W = check.matrix(xp, W, "W", dtype)
+    W_hat = check.matrix(xp, W_hat, "W_hat", dtype, shape=tuple(W.shape))
     if H is not None:
-        H = as_compute_matrix(xp, H, "H", dtype)
-        check_gram(xp, H, W.shape[0])
-    reference = float(weighted_sq_norm(xp, W, H))
+        H = check.matrix(xp, H, "H", dtype)
+        check.gram(xp, H, W.shape[0])
+        H, _ = check.normalised(xp, H, "H")
+    common = check.binary_exponent(max(check.finite_max(xp, W, "W"),
+                                       check.finite_max(xp, W_hat, "W_hat")))
+    D = check.times_power_of_two(xp, W_hat, -common) - check.times_power_of_two(xp, W, -common)
+    D_unit, d_exponent = check.normalised(xp, D, "W_hat - W")
+    W_unit, w_exponent = check.normalised(xp, W, "W")
+    reference = float(_weighted_sq_norm(xp, W_unit, H))
     if reference == 0.0:
         raise ValueError("W has zero norm under H (tr(WᵀHW) = 0): the relative error is undefined")
-    return float(weighted_sq_norm(xp, W_hat - W, H)) / reference
+    ratio = float(_weighted_sq_norm(xp, D_unit, H)) / reference
+    try:
+        return math.ldexp(ratio, 2 * (d_exponent + common - w_exponent))
+    except OverflowError:
+        return math.inf

@@ -36,14 +36,10 @@ import array_api_compat
 import numpy as np
 from array_api_compat import is_cupy_namespace, is_torch_namespace
 
-from ._array import check_count, check_positive, random_normal, resolve_namespace
-from .svd import (
-    LowRank,
-    _prepare_W,
-    check_damping,
-    check_rank,
-    diagonal_scaling,
-)
+from . import _validation as check
+from ._array import random_normal
+from ._hessian import diagonal_scaling
+from .svd import LowRank, _prepare_W
 
 __all__ = ["lowrank_gd", "hassle_free_learning_rate"]
 
@@ -61,7 +57,8 @@ def hassle_free_learning_rate(iteration: int, base_lr: float = 1e-2) -> float:
     alternating-minimisation iterations ``t = 1, 2, ...``; within one call of Low-Rank-GD it is
     constant. Appendix A.2: ``η = 1e-2`` with the scaling of section 4.2.3.
     """
-    iteration = check_count("iteration", iteration, 0)
+    iteration = check.integer("iteration", iteration, minimum=0)
+    base_lr = check.real("base_lr", base_lr, minimum=0.0, low_open=True)
     return base_lr / (iteration + 10)
 
 
@@ -78,7 +75,7 @@ def _to_host(xp: Any, values: list[Any]) -> list[float]:
         return np.from_dlpack(stacked).tolist()
 
 
-def balance_columns(xp: Any, U: Any, V: Any) -> tuple[Any, Any]:
+def _balance_columns(xp: Any, U: Any, V: Any) -> tuple[Any, Any]:
     """Rescale column pairs to ``‖u_k‖ = ‖v_k‖`` (``U Vᵀ`` unchanged).
 
     Adam moves every entry by about the learning rate whatever its gradient's scale, so a
@@ -109,17 +106,31 @@ def _initial_factors(xp: Any, device: Any, target: Any, rank: int, init: Any, sc
         V = random_normal(xp, (d_out, rank), dtype=target.dtype, device=device, rng=rng)
         return xp.zeros((d_in, rank), dtype=target.dtype, device=device), V
     if isinstance(init, LowRank):
-        if init.shape != (d_in, d_out) or init.rank != rank:
-            raise ValueError(f"init has shape {init.shape} and rank {init.rank}, expected shape "
-                             f"{(d_in, d_out)} and rank {rank}")
-        resolve_namespace(W=target, **{"init.U": init.U, "init.V": init.V})
-        U = xp.astype(init.U, target.dtype) if init.U.dtype != target.dtype else init.U
-        V = xp.astype(init.V, target.dtype) if init.V.dtype != target.dtype else init.V
-        if not bool(xp.all(xp.isfinite(U)) & xp.all(xp.isfinite(V))):
-            raise ValueError("init contains NaN or Inf")
-        U = xp.where(dead[:, None], xp.zeros_like(U), U * (scale[:, None] / unit))
-        return balance_columns(xp, U, V)
-    raise TypeError(f"init must be None, 'svd', 'random' or a LowRank, got {init!r}")
+        # Validated by the front door: scaled like W, in the compute dtype.
+        U = xp.where(dead[:, None], xp.zeros_like(init.U), init.U * (scale[:, None] / unit))
+        return _balance_columns(xp, U, init.V)
+    raise AssertionError("init is validated by lowrank_gd")
+
+
+def _init_factors(xp: Any, init: Any, W: Any, rank: int, w_exponent: int) -> Any:
+    """``init`` validated: ``None``, ``"svd"``, ``"random"``, or a :class:`LowRank` of ``W``'s
+    shape and ``rank`` from ``W``'s library, returned with ``U`` in the scale of the validated
+    ``W`` (divided by ``2**w_exponent``) and both factors in its dtype."""
+    if init is None or init in ("svd", "random"):
+        return init
+    if isinstance(init, str):
+        raise ValueError(f"init must be None, 'svd', 'random' or a LowRank, got {init!r}")
+    if not isinstance(init, LowRank):
+        raise TypeError(f"init must be None, 'svd', 'random' or a LowRank, got "
+                        f"{check.type_name(init)}")
+    d_in, d_out = W.shape
+    if init.shape != (d_in, d_out) or init.rank != rank:
+        raise ValueError(f"init has shape {init.shape} and rank {init.rank}, expected shape "
+                         f"{(d_in, d_out)} and rank {rank}")
+    check.namespace(W=W, **{"init.U": init.U, "init.V": init.V})
+    U = check.matrix(xp, init.U, "init.U", W.dtype)
+    V = check.matrix(xp, init.V, "init.V", W.dtype)
+    return LowRank(check.times_power_of_two(xp, U, -w_exponent), V)
 
 
 def lowrank_gd(W: Any, H: Any, rank: int, *, iters: int = 200, lr: float = 1e-2,
@@ -185,12 +196,16 @@ def lowrank_gd(W: Any, H: Any, rank: int, *, iters: int = 200, lr: float = 1e-2,
     accurate to about ``eps · tr(Wᵀ H W)``. If ``tr(Wᵀ H W) = 0`` the zero matrix (exact) is
     returned.
     """
-    xp, device, W, H = _prepare_W(W, H)
-    rank = check_rank(rank, tuple(W.shape))
-    iters = check_count("iters", iters, 0)
-    check_every = check_count("check_every", check_every, 1)
-    damping = check_damping(damping)
-    lr = check_positive("lr", lr)
+    xp, device, W, H, w_exponent = _prepare_W(W, H, needs_H=True)
+    rank = check.rank(rank, tuple(W.shape))
+    iters = check.integer("iters", iters, minimum=0)
+    check_every = check.integer("check_every", check_every, minimum=1)
+    damping = check.damping(damping)
+    lr = check.real("lr", lr, minimum=0.0, low_open=True)
+    scaled = check.flag("scaled", scaled)
+    return_history = check.flag("return_history", return_history)
+    rng = check.rng(rng)
+    init = _init_factors(xp, init, W, rank, w_exponent)
 
     H_n, scale, dead = diagonal_scaling(xp, H, damping)
     if not scaled:
@@ -212,13 +227,14 @@ def lowrank_gd(W: Any, H: Any, rank: int, *, iters: int = 200, lr: float = 1e-2,
     reference = xp.sum(target * HT)          # tr(Tᵀ H_n T): f at M = 0, normaliser of history
     if not float(reference) > 0:
         return zero_result  # tr(WᵀHW) = 0: W lies in the null space of H, M = 0 is exact
-    best_U, best_V, history = adam_lowrank(xp, H_n, HT, reference, U, V, iters=iters, lr=lr,
+    best_U, best_V, history = _adam_lowrank(xp, H_n, HT, reference, U, V, iters=iters, lr=lr,
                                            check_every=check_every)
     U_user = xp.where(dead[:, None], xp.zeros_like(best_U), best_U * (unit / scale[:, None]))
-    return LowRank(U_user, best_V, tuple(history) if return_history else None)
+    return LowRank(check.times_power_of_two(xp, U_user, w_exponent), best_V,
+                   tuple(history) if return_history else None)
 
 
-def adam_lowrank(xp: Any, H_n: Any, HT: Any, reference: Any, U: Any, V: Any, *, iters: int,
+def _adam_lowrank(xp: Any, H_n: Any, HT: Any, reference: Any, U: Any, V: Any, *, iters: int,
                  lr: float, check_every: int) -> tuple[Any, Any, list[float]]:
     """The Adam loop of Low-Rank-GD on prepared inputs: ``iters`` steps from ``(U, V)``.
 

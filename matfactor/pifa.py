@@ -25,21 +25,13 @@ solve, never an explicit inverse.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 import array_api_compat
 
-from ._array import (
-    as_compute_matrix,
-    chained_products,
-    common_compute_dtype,
-    layer_input,
-    pivoted_qr,
-    resolve_namespace,
-    solve_triangular,
-)
+from . import _validation as check
+from ._array import chained_products, pivoted_qr, solve_triangular
 from .error import layer_error
 
 __all__ = ["Pivoted", "pifa_from_dense", "pifa_from_factors", "pifa_rank_for_density"]
@@ -74,20 +66,36 @@ class Pivoted:
     gather: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        xp, _ = resolve_namespace(pivots=self.pivots, non_pivots=self.non_pivots, W_p=self.W_p,
-                                  C=self.C)
-        if self.W_p.ndim != 2 or self.C.ndim != 2 or self.pivots.ndim != 1 \
-                or self.non_pivots.ndim != 1:
-            raise ValueError("Pivoted needs 1-D pivots and non_pivots and 2-D W_p and C, got shapes "
-                             f"{tuple(self.pivots.shape)}, {tuple(self.non_pivots.shape)}, "
-                             f"{tuple(self.W_p.shape)}, {tuple(self.C.shape)}")
+        xp, _ = check.namespace(pivots=self.pivots, non_pivots=self.non_pivots, W_p=self.W_p,
+                                C=self.C)
+        for name in ("pivots", "non_pivots"):
+            indices = getattr(self, name)
+            if not xp.isdtype(indices.dtype, "integral"):
+                raise TypeError(f"{name} must be a 1-D integer array, got dtype {indices.dtype}")
+            if indices.ndim != 1:
+                raise ValueError(f"{name} must be a 1-D integer array, got shape "
+                                 f"{tuple(indices.shape)}")
+        dtype = check.common_dtype(xp, W_p=self.W_p, C=self.C)
+        W_p = check.matrix(xp, self.W_p, "W_p", dtype)
         r = self.pivots.shape[0]
-        if self.W_p.shape[1] != r or self.C.shape != (r, self.non_pivots.shape[0]):
-            raise ValueError(f"inconsistent Pivoted shapes: pivots {tuple(self.pivots.shape)}, "
-                             f"non_pivots {tuple(self.non_pivots.shape)}, W_p {tuple(self.W_p.shape)}, "
-                             f"C {tuple(self.C.shape)}; expected W_p (d_in, r) and C (r, d_out − r)")
+        if r < 1 or W_p.shape[1] != r:
+            raise ValueError(f"W_p must be (d_in, r) with r = {r} pivots (at least one), got shape "
+                             f"{tuple(W_p.shape)}")
+        d_out = r + self.non_pivots.shape[0]
+        if self.non_pivots.shape[0] > 0:
+            check.matrix(xp, self.C, "C", dtype, shape=(r, self.non_pivots.shape[0]))
+        elif tuple(self.C.shape) != (r, 0):
+            raise ValueError(f"C must have shape ({r}, 0) when every output is a pivot, got "
+                             f"{tuple(self.C.shape)}")
         order = xp.concat([self.pivots, self.non_pivots])
-        object.__setattr__(self, "gather", xp.argsort(order))
+        gather = xp.argsort(order)
+        # concat(pivots, non_pivots) must be a permutation of range(d_out): sorted, it is
+        # 0, 1, ..., d_out - 1 (no index repeated, none out of range).
+        expected = xp.arange(d_out, dtype=order.dtype, device=array_api_compat.device(order))
+        if not bool(xp.all(xp.take(order, gather) == expected)):
+            raise ValueError(f"pivots and non_pivots must together list every output channel "
+                             f"0..{d_out - 1} exactly once (got repeated or out-of-range indices)")
+        object.__setattr__(self, "gather", gather)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -141,7 +149,7 @@ class Pivoted:
             ``(..., d_out)``, on the factors' device.
         """
         d_in, d_out = self.shape
-        xp, X = layer_input(X, self.W_p, d_in)
+        xp, X = check.layer_input(X, self.W_p, d_in)
         batch_shape = tuple(X.shape[:-1])
         X2 = xp.reshape(X, (-1, d_in)) if X.ndim != 2 else X
         Y = xp.take(chained_products(xp, X2, self.W_p, self.C), self.gather, axis=1)
@@ -151,11 +159,6 @@ class Pivoted:
         """Relative layer error ``tr(DᵀHD) / tr(WᵀHW)`` of ``Ŵ`` (Frobenius if ``H=None``)."""
         return layer_error(W, self.dense(), H)
 
-
-def _check_rank(rank: Any, limit: int, what: str) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= limit:
-        raise ValueError(f"rank must be an integer in [1, {limit}] ({what}), got {rank!r}")
-    return int(rank)
 
 
 def _complement(xp: Any, pivots: Any, n: int) -> Any:
@@ -211,12 +214,9 @@ def _pivots_and_coefficients(xp: Any, A: Any, rank: int, rtol: float | None, nam
     return pivots, non_pivots, C
 
 
-def _check_rtol(rtol: Any) -> float | None:
-    if rtol is None:
-        return None
-    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 <= rtol < 1:
-        raise ValueError(f"rtol must be None or a number in [0, 1), got {rtol!r}")
-    return float(rtol)
+def _rtol(rtol: Any) -> float | None:
+    return None if rtol is None else check.real("rtol", rtol, minimum=0.0, maximum=1.0,
+                                                 high_open=True)
 
 
 def pifa_from_dense(W: Any, rank: int, *, rtol: float | None = None) -> Pivoted:
@@ -256,12 +256,15 @@ def pifa_from_dense(W: Any, rank: int, *, rtol: float | None = None) -> Pivoted:
     Cost: ``O(d_in·d_out·rank)`` for the QR (on NumPy, LAPACK factors all ``min(d_in, d_out)``
     columns) and ``O(rank²·d_out)`` for ``C``.
     """
-    xp, _ = resolve_namespace(W=W)
-    W = as_compute_matrix(xp, W, "W", common_compute_dtype(xp, W=W))
-    rank = _check_rank(rank, min(W.shape), "at most min(d_in, d_out)")
-    rtol = _check_rtol(rtol)
+    xp, _ = check.namespace(W=W)
+    W = check.matrix(xp, W, "W", check.common_dtype(xp, W=W))
+    rank = check.rank(rank, tuple(W.shape))
+    rtol = _rtol(rtol)
+    # Pivots and C do not depend on the scale of W: compute on W at unit magnitude.
+    W, w_exponent = check.normalised(xp, W, "W")
     pivots, non_pivots, C = _pivots_and_coefficients(xp, W, rank, rtol, "W")
-    return Pivoted(pivots, non_pivots, xp.take(W, pivots, axis=1), C)
+    W_p = check.times_power_of_two(xp, xp.take(W, pivots, axis=1), w_exponent)
+    return Pivoted(pivots, non_pivots, W_p, C)
 
 
 def pifa_from_factors(U: Any, V: Any, *, rtol: float | None = None) -> Pivoted:
@@ -302,20 +305,29 @@ def pifa_from_factors(U: Any, V: Any, *, rtol: float | None = None) -> Pivoted:
         has numerical rank below ``r`` (rank-deficient ``U`` or ``V``): the message names the
         rank.
     """
-    xp, _ = resolve_namespace(U=U, V=V)
-    dtype = common_compute_dtype(xp, U=U, V=V)
-    U = as_compute_matrix(xp, U, "U", dtype)
-    V = as_compute_matrix(xp, V, "V", dtype)
+    xp, _ = check.namespace(U=U, V=V)
+    dtype = check.common_dtype(xp, U=U, V=V)
+    U = check.matrix(xp, U, "U", dtype)
+    V = check.matrix(xp, V, "V", dtype)
     if U.shape[1] != V.shape[1]:
         raise ValueError(f"U has shape {tuple(U.shape)} and V has shape {tuple(V.shape)}: both must "
                          "have r columns (U: (d_in, r), V: (d_out, r), Ŵ = U @ V.T)")
     (d_in, r), d_out = U.shape, V.shape[0]
-    _check_rank(r, min(d_in, d_out), f"the factors' r = U.shape[1] must be at most min(d_in, d_out) "
-                f"= min({d_in}, {d_out})")
-    rtol = _check_rtol(rtol)
+    if r > min(d_in, d_out):
+        raise ValueError(f"rank must be an integer in [1, {min(d_in, d_out)}]: the factors' "
+                         f"r = U.shape[1] = {r} must be at most min(d_in, d_out) = "
+                         f"min({d_in}, {d_out})")
+    rtol = _rtol(rtol)
+    return _pifa_from_factors(xp, U, V, rtol)
+
+
+def _pifa_from_factors(xp: Any, U: Any, V: Any, rtol: float | None) -> Pivoted:
+    """:func:`pifa_from_factors` on validated factors, computed at unit magnitude."""
+    U, u_exponent = check.normalised(xp, U, "U")
+    V, v_exponent = check.normalised(xp, V, "V")
     _, R_U = xp.linalg.qr(U)
-    pivots, non_pivots, C = _pivots_and_coefficients(xp, R_U @ V.T, r, rtol, "U @ V.T")
-    W_p = U @ xp.take(V, pivots, axis=0).T
+    pivots, non_pivots, C = _pivots_and_coefficients(xp, R_U @ V.T, U.shape[1], rtol, "U @ V.T")
+    W_p = check.times_power_of_two(xp, U @ xp.take(V, pivots, axis=0).T, u_exponent + v_exponent)
     return Pivoted(pivots, non_pivots, W_p, C)
 
 
@@ -344,16 +356,9 @@ def pifa_rank_for_density(shape: tuple[int, int], density: float, *, multiple_of
         If ``shape`` is not two positive integers, ``density`` is not in (0, 1], or not even
         rank ``multiple_of`` fits in the budget.
     """
-    if isinstance(multiple_of, bool) or not isinstance(multiple_of, numbers.Integral) \
-            or multiple_of < 1:
-        raise ValueError(f"multiple_of must be an integer >= 1, got {multiple_of!r}")
-    if (not isinstance(shape, (tuple, list)) or len(shape) != 2
-            or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in shape)):
-        raise ValueError(f"shape must be (d_in, d_out), two positive integers, got {shape!r}")
-    if isinstance(density, bool) or not isinstance(density, numbers.Real) \
-            or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
-    d_in, d_out = int(shape[0]), int(shape[1])
+    multiple_of = check.integer("multiple_of", multiple_of, minimum=1)
+    d_in, d_out = check.shape(shape)
+    density = check.real("density", density, minimum=0.0, maximum=1.0, low_open=True)
     total, budget = d_in + d_out, float(density) * d_in * d_out
     # r(total − r) increases on [0, total/2] ⊇ [0, min(d_in, d_out)]: start at the smaller root
     # of r² − total·r + budget = 0 and correct the rounding in exact integer arithmetic.

@@ -13,28 +13,13 @@ the same signature, so all four plug into the sparse-plus-low-rank alternation.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ._array import (
-    add_to_diagonal,
-    as_compute_matrix,
-    check_gram,
-    cholesky,
-    common_compute_dtype,
-    resolve_namespace,
-    spd_inverse,
-    top_k_mask,
-)
-from .sparsity import (
-    SparsityPattern,
-    _mask,
-    check_density,
-    keep_count,
-    nnz_budget,
-    parse_pattern,
-)
+from . import _validation as check
+from ._array import cholesky, spd_inverse, top_k_mask
+from ._hessian import damped_hessian, input_norms
+from .sparsity import SparsityPattern, _keep_count, _mask, _wanda_scores, nnz_budget, parse_pattern
 
 __all__ = ["Pruner", "magnitude_prune", "wanda_prune", "sparsegpt_prune"]
 
@@ -47,8 +32,13 @@ class Pruner(Protocol):
 
 
 @dataclass(frozen=True)
-class PruningProblem:
-    """Validated inputs of a pruner, converted to the compute dtype."""
+class _PruningProblem:
+    """Validated inputs of a pruner, in the compute dtype and scaled to unit magnitude.
+
+    ``W`` and ``H`` are the user's divided by ``2**w_exponent`` and ``2**h_exponent`` (exact;
+    ``h_exponent`` even): every pruner is homogeneous under that scaling, so it computes on
+    numbers of order 1 whatever the input's scale, and :meth:`restore` scales its result back.
+    """
 
     xp: Any
     device: Any
@@ -56,29 +46,23 @@ class PruningProblem:
     H: Any | None
     density: float
     pattern: SparsityPattern
+    w_exponent: int
+
+    def restore(self, W_pruned: Any) -> Any:
+        """A pruned weight of the scaled problem in the user's scale."""
+        return check.times_power_of_two(self.xp, W_pruned, self.w_exponent)
 
 
-def prepare_pruning_problem(W: Any, H: Any | None, density: float | None,
-                            pattern: str | SparsityPattern, *, needs_H: bool) -> PruningProblem:
+def _prepare_pruning_problem(W: Any, H: Any | None, density: float | None,
+                             pattern: str | SparsityPattern, *, needs_H: bool) -> _PruningProblem:
     """Validate the shared pruner arguments (shapes, dtypes, finiteness, pattern, budget)."""
-    xp, device = resolve_namespace(W=W, H=H)
-    dtype = common_compute_dtype(xp, W=W, H=H)
-    W = as_compute_matrix(xp, W, "W", dtype)
-    if H is None:
-        if needs_H:
-            raise ValueError("H (the calibration Gram matrix XᵀX) is required by this pruner")
-    else:
-        H = as_compute_matrix(xp, H, "H", dtype)
-        check_gram(xp, H, W.shape[0])
-        if needs_H and not bool(xp.any(xp.linalg.diagonal(H) > 0)):
-            raise ValueError("H has an all-zero diagonal: every input is dead, there is nothing "
-                             "to reconstruct")
+    xp, device, W, H, w_exponent = check.layer_problem(W, H, needs_H=needs_H, require_live=needs_H)
     pattern = parse_pattern(pattern)
-    density = check_density(density, pattern)
+    density = check.density(density, pattern)
     if nnz_budget(tuple(W.shape), density, pattern) == 0:
         raise ValueError(f"density={density} keeps no entry of a {tuple(W.shape)} weight under "
                          f"pattern '{pattern}'; increase density")
-    return PruningProblem(xp, device, W, H, density, pattern)
+    return _PruningProblem(xp, device, W, H, density, pattern, w_exponent)
 
 
 def magnitude_prune(W: Any, H: Any | None = None, *, density: float | None = None,
@@ -87,9 +71,10 @@ def magnitude_prune(W: Any, H: Any | None = None, *, density: float | None = Non
 
     ``H`` is accepted for the shared signature and validated, but not used.
     """
-    problem = prepare_pruning_problem(W, H, density, pattern, needs_H=False)
+    problem = _prepare_pruning_problem(W, H, density, pattern, needs_H=False)
     xp, W = problem.xp, problem.W
-    return xp.where(_mask(xp, xp.abs(W), problem.density, problem.pattern), W, xp.zeros_like(W))
+    kept = _mask(xp, xp.abs(W), problem.density, problem.pattern)
+    return problem.restore(xp.where(kept, W, xp.zeros_like(W)))
 
 
 def wanda_prune(W: Any, H: Any, *, density: float | None = None,
@@ -99,33 +84,11 @@ def wanda_prune(W: Any, H: Any, *, density: float | None = None,
     ``||X_i||² = H_ii`` is the squared norm of input ``i`` over the calibration set. No weight
     is updated. Wanda's own setting is ``pattern="per_output"``; every pattern is accepted.
     """
-    problem = prepare_pruning_problem(W, H, density, pattern, needs_H=True)
+    problem = _prepare_pruning_problem(W, H, density, pattern, needs_H=True)
     xp, W, H = problem.xp, problem.W, problem.H
-    input_norms = xp.sqrt(xp.clip(xp.linalg.diagonal(H), 0, None))
-    scores = xp.abs(W) * input_norms[:, None]
-    return xp.where(_mask(xp, scores, problem.density, problem.pattern), W, xp.zeros_like(W))
+    kept = _mask(xp, _wanda_scores(xp, W, input_norms(xp, H)), problem.density, problem.pattern)
+    return problem.restore(xp.where(kept, W, xp.zeros_like(W)))
 
-
-def damped_hessian(xp: Any, H: Any, damping: float) -> tuple[Any, Any]:
-    """``H`` made positive definite: dead inputs filled, then relative damping added.
-
-    A dead input (``H_ii = 0``: never active on the calibration set) has an all-zero row and
-    column in ``H``. Its diagonal entry is set to the mean live diagonal so the matrix can be
-    factored; its weights can take any value without changing the layer's output, so the
-    callers set them to zero. Then ``damping · mean(diag(H))`` is added to the diagonal, which
-    makes the result independent of the scale of ``H``.
-
-    Returns
-    -------
-    H_damped, dead
-        The damped matrix and the boolean vector of dead inputs.
-    """
-    diagonal = xp.linalg.diagonal(H)
-    dead = diagonal <= 0
-    n_live = int(xp.sum(xp.astype(~dead, xp.int64)))  # >= 1: checked by prepare_pruning_problem
-    live_mean = xp.sum(xp.where(dead, xp.zeros_like(diagonal), diagonal)) / n_live
-    fill = xp.where(dead, live_mean, xp.zeros_like(diagonal))
-    return add_to_diagonal(xp, H, fill + damping * live_mean), dead
 
 
 def sparsegpt_prune(W: Any, H: Any, *, density: float | None = None,
@@ -162,24 +125,21 @@ def sparsegpt_prune(W: Any, H: Any, *, density: float | None = None,
     W_sparse
         The pruned and updated weight; weights of dead inputs are zero.
     """
-    problem = prepare_pruning_problem(W, H, density, pattern, needs_H=True)
-    check_sparsegpt_options(damping, block_size)
-    factor = sparsegpt_factor(problem.xp, problem.H, damping)
-    return sparsegpt_with_factor(problem.xp, problem.W, factor, problem.density, problem.pattern,
-                                 block_size)
+    problem = _prepare_pruning_problem(W, H, density, pattern, needs_H=True)
+    damping, block_size = _sparsegpt_options(damping, block_size)
+    factor = _sparsegpt_factor(problem.xp, problem.H, damping)
+    return problem.restore(_sparsegpt_with_factor(problem.xp, problem.W, factor, problem.density,
+                                                  problem.pattern, block_size))
 
 
-def check_sparsegpt_options(damping: Any, block_size: Any) -> None:
-    """SparseGPT's ``damping > 0`` and ``block_size >= 1``, else a ``ValueError`` naming them."""
-    if isinstance(damping, bool) or not (isinstance(damping, (int, float))
-                                         and math.isfinite(damping) and damping > 0):
-        raise ValueError(f"damping must be a positive number, got {damping!r}")
-    if isinstance(block_size, bool) or not (isinstance(block_size, int) and block_size >= 1):
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+def _sparsegpt_options(damping: Any, block_size: Any) -> tuple[float, int]:
+    """SparseGPT's ``damping > 0`` and ``block_size >= 1``, validated."""
+    return (check.damping(damping, positive=True),
+            check.integer("block_size", block_size, minimum=1))
 
 
 @dataclass(frozen=True)
-class SparseGptFactor:
+class _SparseGptFactor:
     """What SparseGPT needs of ``H``, computed once and reusable for any weight.
 
     Attributes
@@ -196,17 +156,17 @@ class SparseGptFactor:
     dead: Any
 
 
-def sparsegpt_factor(xp: Any, H: Any, damping: float) -> SparseGptFactor:
+def _sparsegpt_factor(xp: Any, H: Any, damping: float) -> _SparseGptFactor:
     """The ``O(d_in³)`` part of SparseGPT: damp ``H``, invert it, factor the inverse.
 
-    Separate from :func:`sparsegpt_with_factor` so that a caller pruning many weights against
+    Separate from :func:`_sparsegpt_with_factor` so that a caller pruning many weights against
     one ``H`` (the sparse-plus-low-rank alternation, HASSLE-free section 4.3) pays it once.
     """
     H_damped, dead = damped_hessian(xp, H, damping)
-    return SparseGptFactor(cholesky(xp, spd_inverse(xp, H_damped)).T, dead)
+    return _SparseGptFactor(cholesky(xp, spd_inverse(xp, H_damped)).T, dead)
 
 
-def sparsegpt_with_factor(xp: Any, W: Any, factor: SparseGptFactor, density: float,
+def _sparsegpt_with_factor(xp: Any, W: Any, factor: _SparseGptFactor, density: float,
                           pattern: SparsityPattern, block_size: int) -> Any:
     """SparseGPT's pruning sweep over validated inputs with a precomputed factor.
 
@@ -221,7 +181,7 @@ def sparsegpt_with_factor(xp: Any, W: Any, factor: SparseGptFactor, density: flo
     W = xp.where(factor.dead[:, None], xp.zeros_like(W), W)
 
     total_budget = nnz_budget((d_in, d_out), density, pattern)
-    column_budget = keep_count(density, d_in) if pattern.kind == "per_output" else 0
+    column_budget = _keep_count(density, d_in) if pattern.kind == "per_output" else 0
     pruned_rows = []
     for start in range(0, d_in, block_size):
         stop = min(start + block_size, d_in)

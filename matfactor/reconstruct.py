@@ -59,26 +59,14 @@ section 5.3); which is better on held-out data is an open question here.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import array_api_compat
 
-from ._array import (
-    _on_host,
-    add_to_diagonal,
-    as_compute_matrix,
-    check_finite,
-    check_gram,
-    cholesky,
-    common_compute_dtype,
-    compute_dtype,
-    resolve_namespace,
-    solve_triangular,
-)
-from .pifa import Pivoted, pifa_from_factors
-from .svd import LowRank, weighted_lowrank
+from . import _validation as check
+from ._array import add_to_diagonal, cholesky, solve_triangular
+from .pifa import Pivoted, _pifa_from_factors, _rtol
+from .svd import LowRank, _weighted_lowrank
 
 __all__ = ["ReconstructionStatistics", "mpifa", "mpifa_lowrank", "update_U", "update_V"]
 
@@ -110,20 +98,26 @@ class ReconstructionStatistics:
     Notes
     -----
     The accumulators live on the first batch's device; a batch from another library or device
-    is an error naming it. On host backends each batch is checked for NaN/Inf; on a GPU that
-    check would synchronise every batch, so a non-finite batch is reported instead when the
-    statistics are used (:func:`mpifa` checks ``H``).
+    is an error naming it. They are kept scale-proof: each batch is scaled to unit magnitude by
+    a power of two before its products are formed, and the sums are stored as ``S · 2**e``
+    with one even exponent ``e`` for all three (exact in binary floating point), so that
+    activations of any finite magnitude accumulate without overflow in float32. Reading the
+    batch's magnitude costs one host read per batch, which also reports a non-finite batch.
+    The properties :attr:`H`, :attr:`error_cross` and :attr:`error_gram` return the true sums
+    in the accumulation dtype (Inf where they exceed its range); the solvers use the scaled
+    sums.
     """
 
     def __init__(self, *, dtype: str | None = None, track_error_gram: bool = False) -> None:
-        if dtype not in (None, "float32", "float64"):
+        if dtype is not None and dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be None, 'float32' or 'float64', got {dtype!r}")
         self._dtype_name = dtype
-        self.track_error_gram = bool(track_error_gram)
+        self.track_error_gram = check.flag("track_error_gram", track_error_gram)
         self.n_samples = 0
-        self._H: Any = None
+        self._H: Any = None             # the three sums divided by 2**_exponent
         self._error_cross: Any = None
         self._error_gram: Any = None
+        self._exponent = 0
 
     @property
     def d_in(self) -> int | None:
@@ -133,18 +127,22 @@ class ReconstructionStatistics:
     @property
     def H(self) -> Any:
         """``X_uᵀ X_u``, the Gram matrix of the compressed stream."""
-        return self._require("H", self._H)
+        return self._true(self._require("H", self._H))
 
     @property
     def error_cross(self) -> Any:
         """``X_uᵀ (X_o − X_u)``, zero while both streams are equal."""
-        return self._require("error_cross", self._error_cross)
+        return self._true(self._require("error_cross", self._error_cross))
 
     @property
     def error_gram(self) -> Any:
         """``(X_o − X_u)ᵀ (X_o − X_u)``, or ``None`` if not tracked."""
         self._require("error_gram", self._H)
-        return self._error_gram
+        return None if self._error_gram is None else self._true(self._error_gram)
+
+    def _true(self, stored: Any) -> Any:
+        return check.times_power_of_two(array_api_compat.array_namespace(stored), stored,
+                                        self._exponent)
 
     def _require(self, name: str, value: Any) -> Any:
         if value is None:
@@ -169,47 +167,75 @@ class ReconstructionStatistics:
         ReconstructionStatistics
             ``self``, for chaining.
         """
-        xp, _ = resolve_namespace(statistics=self._H, X_dense=X_dense, X_compressed=X_compressed)
+        xp, _ = check.namespace(statistics=self._H, X_dense=X_dense, X_compressed=X_compressed,
+                                optional=("statistics", "X_compressed"))
         if self._H is not None:
             dtype = self._H.dtype
         elif self._dtype_name is not None:
             dtype = getattr(xp, self._dtype_name)
         else:
-            dtype = common_compute_dtype(xp, X_dense=X_dense, X_compressed=X_compressed)
-        X_o = self._as_samples(xp, X_dense, "X_dense", dtype)
-        X_u = X_o if X_compressed is None else self._as_samples(xp, X_compressed, "X_compressed",
-                                                                dtype)
+            dtype = check.common_dtype(xp, X_dense=X_dense, X_compressed=X_compressed)
+        X_o = check.samples(xp, X_dense, "X_dense", dtype, self.d_in)
+        X_u = X_o if X_compressed is None else check.samples(xp, X_compressed, "X_compressed",
+                                                             dtype, self.d_in)
         if X_u.shape != X_o.shape:
             raise ValueError(f"X_compressed has {tuple(X_u.shape)} samples x inputs but X_dense has "
                              f"{tuple(X_o.shape)}: pass the same samples in both streams")
+        # Scale the batch to unit magnitude (the maximum also finds NaN and Inf), then bring
+        # the sums and the batch's products to one exponent, the larger of the two.
+        magnitude = check.finite_max(xp, X_o, "X_dense")
+        if X_compressed is not None:
+            magnitude = max(magnitude, check.finite_max(xp, X_u, "X_compressed"))
+        batch_exponent = 2 * check.binary_exponent(magnitude)
+        X_o = check.times_power_of_two(xp, X_o, -batch_exponent // 2)
+        X_u = X_o if X_compressed is None else check.times_power_of_two(xp, X_u,
+                                                                        -batch_exponent // 2)
         if self._H is None:
             self._H = xp.zeros((X_o.shape[1],) * 2, dtype=dtype, device=array_api_compat.device(X_o))
             self._error_cross = xp.zeros_like(self._H)
             if self.track_error_gram:
                 self._error_gram = xp.zeros_like(self._H)
-        self._H = self._H + X_u.T @ X_u
+            self._exponent = batch_exponent
+        exponent = max(self._exponent, batch_exponent)
+        if exponent != self._exponent:
+            self._H, self._error_cross, self._error_gram = (
+                None if A is None else check.times_power_of_two(xp, A, self._exponent - exponent)
+                for A in (self._H, self._error_cross, self._error_gram))
+            self._exponent = exponent
+        # Out of place: arrays handed out by the properties stay as they were.
+        shift = batch_exponent - exponent
+        self._H = self._H + check.times_power_of_two(xp, X_u.T @ X_u, shift)
         if X_compressed is not None:
             error = X_o - X_u
-            self._error_cross = self._error_cross + X_u.T @ error
+            self._error_cross = self._error_cross + check.times_power_of_two(xp, X_u.T @ error,
+                                                                             shift)
             if self.track_error_gram:
-                self._error_gram = self._error_gram + error.T @ error
+                self._error_gram = self._error_gram + check.times_power_of_two(
+                    xp, error.T @ error, shift)
         self.n_samples += int(X_o.shape[0])
         return self
 
-    def _as_samples(self, xp: Any, X: Any, name: str, dtype: Any) -> Any:
-        if X.ndim < 2:
-            raise ValueError(f"{name} must have shape (n_samples, d_in) or (..., d_in), "
-                             f"got {tuple(X.shape)}")
-        compute_dtype(xp, X, name)
-        if self._H is not None and X.shape[-1] != self._H.shape[0]:
-            raise ValueError(f"{name} has d_in = {X.shape[-1]} (shape {tuple(X.shape)}) but "
-                             f"earlier batches had d_in = {self._H.shape[0]}")
-        X = xp.reshape(X, (-1, X.shape[-1])) if X.ndim != 2 else X
-        if X.dtype != dtype:
-            X = xp.astype(X, dtype)
-        if _on_host(xp, array_api_compat.device(X)):
-            check_finite(xp, X, name)
-        return X
+    def _scaled(self, W: Any, name: str = "W") -> tuple[Any, Any, Any, int]:
+        """``(xp, W, H, w_exponent)``: ``W`` validated against the statistics and scaled to unit
+        magnitude, and the stored (scaled) ``H`` in the common compute dtype."""
+        H = self._require("H", self._H)
+        xp, _ = check.namespace(statistics=H, **{name: W})
+        dtype = check.common_dtype(xp, statistics=H, **{name: W})
+        W = check.matrix(xp, W, name, dtype)
+        if W.shape[0] != H.shape[0]:
+            raise ValueError(f"{name} has shape {tuple(W.shape)} but the statistics were "
+                             f"accumulated for d_in = {H.shape[0]} inputs; {name} must be "
+                             "(d_in, d_out)")
+        H = _cast(H, dtype)
+        if not bool(xp.all(xp.isfinite(H))):
+            raise ValueError("statistics.H contains NaN or Inf: a calibration batch was not finite")
+        W, w_exponent = check.normalised(xp, W, name)
+        return xp, W, H, w_exponent
+
+    def _target(self, xp: Any, W: Any, H: Any, mix: float) -> Any:
+        """``(H + mix·error_cross) W`` in the scaled units of the stored sums."""
+        HW = H @ W
+        return HW if mix == 0.0 else HW + mix * (_cast(self._error_cross, H.dtype) @ W)
 
     def target(self, W: Any, mix: float = 0.25) -> Any:
         """``G = X_uᵀ Y_t = (H + λ·error_cross) W``, Algorithm 3 step 4 (the paper's ``Y_t Xᵀ``).
@@ -218,16 +244,9 @@ class ReconstructionStatistics:
         output ``X_u W`` (plain SVD-LLM reconstruction), 1 the dense model's output ``X_o W``
         (full error-accumulation correction, eq. 6).
         """
-        mix = _check_mix(mix)
-        H = self.H
-        xp, _ = resolve_namespace(statistics=H, W=W)
-        dtype = common_compute_dtype(xp, statistics=H, W=W)
-        W = as_compute_matrix(xp, W, "W", dtype)
-        if W.shape[0] != H.shape[0]:
-            raise ValueError(f"W has shape {tuple(W.shape)} but the statistics have d_in = "
-                             f"{H.shape[0]}; W must be (d_in, d_out)")
-        HW = _cast(H, dtype) @ W
-        return HW if mix == 0.0 else HW + mix * (_cast(self.error_cross, dtype) @ W)
+        mix = _mix(mix)
+        xp, W, H, w_exponent = self._scaled(W)
+        return check.times_power_of_two(xp, self._target(xp, W, H, mix), w_exponent + self._exponent)
 
     def target_weight(self, W: Any, mix: float = 0.25, alpha: float = 1e-3) -> Any:
         """The weight ``T`` that any compression method should approximate under ``H``.
@@ -254,14 +273,12 @@ class ReconstructionStatistics:
         T
             ``(d_in, d_out)`` in the compute dtype, on ``W``'s device.
         """
-        alpha = _check_alpha(alpha)
-        G = self.target(W, mix)
-        xp, _ = resolve_namespace(statistics=self.H, W=W)
-        W = as_compute_matrix(xp, W, "W", G.dtype)
-        if _check_mix(mix) == 0.0:
-            return W
-        reg = _Regularised(xp, _cast(self.H, G.dtype), G, W, alpha)
-        return reg.solve_H(reg.G)
+        mix, alpha = _mix(mix), _alpha(alpha)
+        xp, W, H, w_exponent = self._scaled(W)
+        if mix == 0.0:
+            return check.times_power_of_two(xp, W, w_exponent)
+        reg = _Regularised(xp, H, self._target(xp, W, H, mix), W, alpha)
+        return check.times_power_of_two(xp, reg.solve_H(reg.G), w_exponent)
 
     def objective(self, W: Any, W_hat: Any, mix: float = 0.25, alpha: float = 0.0) -> float:
         """The relative reconstruction objective of ``W_hat`` (eqs. 6–7, with eq. 9's term).
@@ -277,30 +294,33 @@ class ReconstructionStatistics:
             If the streams differed (some batch had ``X_compressed``), ``mix > 0`` and
             ``error_gram`` was not tracked.
         """
-        mix = _check_mix(mix)
-        alpha = _check_alpha(alpha)
-        H = self.H
-        xp, _ = resolve_namespace(statistics=H, W=W, W_hat=W_hat)
-        dtype = common_compute_dtype(xp, statistics=H, W=W, W_hat=W_hat)
-        W = as_compute_matrix(xp, W, "W", dtype)
-        W_hat = as_compute_matrix(xp, W_hat, "W_hat", dtype)
-        if W.shape[0] != H.shape[0] or W_hat.shape != W.shape:
-            raise ValueError(f"W {tuple(W.shape)} and W_hat {tuple(W_hat.shape)} must both be "
-                             f"(d_in, d_out) with d_in = {H.shape[0]}")
-        H = _cast(H, dtype)
+        mix, alpha = _mix(mix), _alpha(alpha)
+        H_stored = self._require("H", self._H)
+        xp, _ = check.namespace(statistics=H_stored, W=W, W_hat=W_hat)
+        dtype = check.common_dtype(xp, statistics=H_stored, W=W, W_hat=W_hat)
+        W = check.matrix(xp, W, "W", dtype, shape=(H_stored.shape[0], None))
+        W_hat = check.matrix(xp, W_hat, "W_hat", dtype, shape=tuple(W.shape))
+        # W and W_hat scaled by one power of two, the sums as stored: the ratio is unchanged.
+        common = check.binary_exponent(max(check.finite_max(xp, W, "W"),
+                                           check.finite_max(xp, W_hat, "W_hat")))
+        W = check.times_power_of_two(xp, W, -common)
+        W_hat = check.times_power_of_two(xp, W_hat, -common)
+        H = _cast(H_stored, dtype)
         D = W_hat - W
         HW = H @ W
         reference = xp.sum(W * HW)
+        # Every term is quadratic in the stored sums' scale 2**e (a = alpha·mean(diag H) too),
+        # so the ratio is the same in stored units.
         value = xp.sum(D * (H @ D)) + _relative_alpha(xp, H, alpha) * xp.sum(D * D)
         if mix > 0.0:
-            KW = _cast(self.error_cross, dtype) @ W
+            KW = _cast(self._error_cross, dtype) @ W
             value = value - 2 * mix * xp.sum(D * KW)
             reference = reference + 2 * mix * xp.sum(W * KW)
             if self._error_gram is not None:
                 EW = _cast(self._error_gram, dtype) @ W
                 value = value + mix * mix * xp.sum(W * EW)
                 reference = reference + mix * mix * xp.sum(W * EW)
-            elif bool(xp.any(self.error_cross != 0)):
+            elif bool(xp.any(self._error_cross != 0)):
                 raise ValueError("statistics.objective needs error_gram when the two streams "
                                  "differ: create the statistics with track_error_gram=True")
         reference = float(reference)
@@ -317,17 +337,12 @@ def _cast(A: Any, dtype: Any) -> Any:
     return xp.astype(A, dtype)
 
 
-def _check_mix(mix: Any) -> float:
-    if isinstance(mix, bool) or not isinstance(mix, numbers.Real) or not 0.0 <= float(mix) <= 1.0:
-        raise ValueError(f"mix must be a number in [0, 1] (the paper's mix ratio λ), got {mix!r}")
-    return float(mix)
+def _mix(mix: Any) -> float:
+    return check.real("mix", mix, minimum=0.0, maximum=1.0)
 
 
-def _check_alpha(alpha: Any) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) \
-            or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-    return float(alpha)
+def _alpha(alpha: Any) -> float:
+    return check.real("alpha", alpha, minimum=0.0)
 
 
 def _relative_alpha(xp: Any, H: Any, alpha: float) -> Any:
@@ -388,22 +403,33 @@ def _update_U(xp: Any, V: Any, reg: _Regularised) -> Any:
 
 
 def _prepare_update(factor: Any, H: Any, G: Any, W: Any | None, factor_name: str, side: int,
-                    ) -> tuple[Any, Any, Any, Any, Any]:
-    xp, _ = resolve_namespace(**{factor_name: factor}, H=H, G=G, W=W)
-    dtype = common_compute_dtype(xp, **{factor_name: factor}, H=H, G=G, W=W)
-    factor = as_compute_matrix(xp, factor, factor_name, dtype)
-    H = as_compute_matrix(xp, H, "H", dtype)
-    G = as_compute_matrix(xp, G, "G", dtype)
-    check_gram(xp, H, G.shape[0])
+                    ) -> tuple[Any, Any, Any, Any, Any, int]:
+    """Validate the arguments of :func:`update_V` / :func:`update_U` and scale them.
+
+    Returns ``(xp, factor, H, G, W, exponent)`` scaled to unit magnitude by powers of two:
+    ``factor`` by ``2**f``, ``H`` by an even ``2**h``, ``G`` by ``2**g`` and ``W`` by
+    ``2**(g − h)`` (``G + aW`` stays consistent: ``a`` scales with ``H``). The updated factor
+    solves the scaled problem and is ``2**exponent`` times smaller than the true one, with
+    ``exponent = g − h − f`` (``V = (G + aW)ᵀ U (Uᵀ(H + aI)U)⁻¹`` and its transpose).
+    """
+    xp, _ = check.namespace(**{factor_name: factor}, H=H, G=G, W=W, optional=("W",))
+    dtype = check.common_dtype(xp, **{factor_name: factor}, H=H, G=G, W=W)
+    factor = check.matrix(xp, factor, factor_name, dtype)
+    H = check.matrix(xp, H, "H", dtype)
+    G = check.matrix(xp, G, "G", dtype)
+    check.gram(xp, H, G.shape[0])
     if W is not None:
-        W = as_compute_matrix(xp, W, "W", dtype)
-        if W.shape != G.shape:
-            raise ValueError(f"W has shape {tuple(W.shape)} but G has shape {tuple(G.shape)}")
+        W = check.matrix(xp, W, "W", dtype, shape=tuple(G.shape))
     expected = G.shape[side]
     if factor.shape[0] != expected:
         raise ValueError(f"{factor_name} has shape {tuple(factor.shape)} but G is "
                          f"{tuple(G.shape)}: {factor_name} must have {expected} rows")
-    return xp, factor, H, G, W
+    factor, f_exponent = check.normalised(xp, factor, factor_name)
+    H, h_exponent = check.normalised(xp, H, "H", even=True)
+    G, g_exponent = check.normalised(xp, G, "G")
+    if W is not None:
+        W = check.times_power_of_two(xp, W, h_exponent - g_exponent)
+    return xp, factor, H, G, W, g_exponent - h_exponent - f_exponent
 
 
 def update_V(U: Any, H: Any, G: Any, *, W: Any | None = None, alpha: float = 0.0) -> Any:
@@ -438,9 +464,10 @@ def update_V(U: Any, H: Any, G: Any, *, W: Any | None = None, alpha: float = 0.0
     V
         ``(d_out, r)`` in the compute dtype.
     """
-    alpha = _check_alpha(alpha)
-    xp, U, H, G, W = _prepare_update(U, H, G, W, "U", 0)
-    return _update_V(xp, U, _Regularised(xp, H, G, W, alpha))
+    alpha = _alpha(alpha)
+    xp, U, H, G, W, exponent = _prepare_update(U, H, G, W, "U", 0)
+    return check.times_power_of_two(xp, _update_V(xp, U, _Regularised(xp, H, G, W, alpha)),
+                                    exponent)
 
 
 def update_U(V: Any, H: Any, G: Any, *, W: Any | None = None, alpha: float = 0.0) -> Any:
@@ -475,9 +502,10 @@ def update_U(V: Any, H: Any, G: Any, *, W: Any | None = None, alpha: float = 0.0
         If ``H + aI`` is singular (``alpha = 0`` with dead inputs or fewer samples than
         inputs: use ``alpha > 0``).
     """
-    alpha = _check_alpha(alpha)
-    xp, V, H, G, W = _prepare_update(V, H, G, W, "V", 1)
-    return _update_U(xp, V, _Regularised(xp, H, G, W, alpha))
+    alpha = _alpha(alpha)
+    xp, V, H, G, W, exponent = _prepare_update(V, H, G, W, "V", 1)
+    return check.times_power_of_two(xp, _update_U(xp, V, _Regularised(xp, H, G, W, alpha)),
+                                    exponent)
 
 
 def mpifa_lowrank(W: Any, statistics: ReconstructionStatistics, rank: int, *, mix: float = 0.25,
@@ -518,42 +546,36 @@ def mpifa_lowrank(W: Any, statistics: ReconstructionStatistics, rank: int, *, mi
     LowRank
         ``U`` ``(d_in, r)``, ``V`` ``(d_out, r)``, in the compute dtype on ``W``'s device.
     """
+    xp, U, V, w_exponent = _mpifa_lowrank(W, statistics, rank, mix, alpha, iters, init)
+    return LowRank(check.times_power_of_two(xp, U, w_exponent), V)
+
+
+def _mpifa_lowrank(W: Any, statistics: Any, rank: Any, mix: Any, alpha: Any, iters: Any,
+                   init: Any) -> tuple[Any, Any, Any, int]:
+    """Validate :func:`mpifa_lowrank`'s arguments and solve the scaled problem.
+
+    Returns ``(xp, U, V, w_exponent)``: the factors of ``W / 2**w_exponent`` under the stored
+    (scaled) statistics, which Algorithm 3 is exactly homogeneous under.
+    """
     if not isinstance(statistics, ReconstructionStatistics):
         raise TypeError(f"statistics must be a ReconstructionStatistics, got "
-                        f"{type(statistics).__name__}")
-    if init not in _INITS:
-        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
-    mix, alpha = _check_mix(mix), _check_alpha(alpha)
-    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 0:
-        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
-    H_stat = statistics.H
-    xp, _ = resolve_namespace(W=W, statistics=H_stat)
-    dtype = common_compute_dtype(xp, W=W, statistics=H_stat)
-    W = as_compute_matrix(xp, W, "W", dtype)
-    d_in, d_out = W.shape
-    if d_in != statistics.d_in:
-        raise ValueError(f"W has shape {tuple(W.shape)} but the statistics were accumulated for "
-                         f"d_in = {statistics.d_in} inputs; W must be (d_in, d_out)")
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) \
-            or not 1 <= rank <= min(d_in, d_out):
-        raise ValueError(f"rank must be an integer in [1, min(d_in, d_out)] = "
-                         f"[1, {min(d_in, d_out)}], got {rank!r}")
-    H = _cast(H_stat, dtype)
-    if not bool(xp.all(xp.isfinite(H))):
-        raise ValueError("statistics.H contains NaN or Inf: a calibration batch was not finite")
+                        f"{check.type_name(statistics)}")
+    init = check.choice("init", init, _INITS)
+    mix, alpha = _mix(mix), _alpha(alpha)
+    iters = check.integer("iters", iters, minimum=0)
+    xp, W, H, w_exponent = statistics._scaled(W)
+    rank = check.rank(rank, tuple(W.shape))
     if not float(xp.sum(xp.linalg.diagonal(H))) > 0:
         raise ValueError("statistics.H is zero: the calibration inputs carry no signal")
-    G = statistics.target(W, mix)
-    reg = _Regularised(xp, H, G, W, alpha)
+    reg = _Regularised(xp, H, statistics._target(xp, W, H, mix), W, alpha)
     if init == "weight":
-        start = weighted_lowrank(W, H, int(rank))
+        U, V = _weighted_lowrank(xp, W, H, rank, 0.0)
     else:
-        start = weighted_lowrank(reg.solve_H(reg.G), reg.H, int(rank))
-    U, V = start.U, start.V
-    for _ in range(int(iters)):
+        U, V = _weighted_lowrank(xp, reg.solve_H(reg.G), reg.H, rank, 0.0)
+    for _ in range(iters):
         V = _update_V(xp, U, reg)
         U = _update_U(xp, V, reg)
-    return LowRank(U, V)
+    return xp, U, V, w_exponent
 
 
 def mpifa(W: Any, statistics: ReconstructionStatistics, rank: int, *, mix: float = 0.25,
@@ -580,5 +602,8 @@ def mpifa(W: Any, statistics: ReconstructionStatistics, rank: int, *, mix: float
             stats.update(X_dense, X_compressed)
         layer = mpifa(W, stats, pifa_rank_for_density(W.shape, 0.5))
     """
-    factors = mpifa_lowrank(W, statistics, rank, mix=mix, alpha=alpha, iters=iters, init=init)
-    return pifa_from_factors(factors.U, factors.V, rtol=rtol)
+    rtol = _rtol(rtol)
+    xp, U, V, w_exponent = _mpifa_lowrank(W, statistics, rank, mix, alpha, iters, init)
+    pivoted = _pifa_from_factors(xp, U, V, rtol)
+    return Pivoted(pivoted.pivots, pivoted.non_pivots,
+                   check.times_power_of_two(xp, pivoted.W_p, w_exponent), pivoted.C)

@@ -35,45 +35,28 @@ objective history.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import array_api_compat
 
-from ._array import (
-    as_compute_matrix,
-    check_count,
-    check_gram,
-    check_positive,
-    check_shape,
-    common_compute_dtype,
-    layer_input,
-    random_normal,
-    resolve_namespace,
-)
-from .admm import admm_factor, admm_prune_with_factor, check_admm_prune_options
-from .error import layer_error, weighted_sq_norm
-from .lowrank_descent import adam_lowrank, balance_columns, hassle_free_learning_rate
+from . import _validation as check
+from ._array import random_normal
+from ._hessian import diagonal_scaling, input_norms
+from .admm import _admm_factor, _admm_prune_options, _admm_prune_with_factor
+from .error import _weighted_sq_norm, layer_error
+from .lowrank_descent import _adam_lowrank, _balance_columns, hassle_free_learning_rate
 from .pifa import Pivoted, pifa_from_factors
-from .pruning import check_sparsegpt_options, sparsegpt_factor, sparsegpt_with_factor
-from .sparsity import (
-    SparsityPattern,
-    _mask,
-    check_density,
-    mask_satisfies,
-    nnz_budget,
-    parse_pattern,
-)
+from .pruning import _sparsegpt_factor, _sparsegpt_options, _sparsegpt_with_factor
+from .sparsity import SparsityPattern, _mask, _wanda_scores, mask_satisfies, nnz_budget, parse_pattern
 from .svd import (
     LowRank,
-    check_rank,
-    diagonal_scaling,
-    identity_whitening,
-    randomized_svd,
-    whiten,
-    whitened_lowrank,
+    _default_power_iters,
+    _identity_whitening,
+    _randomized_svd,
+    _whiten,
+    _whitened_lowrank,
 )
 
 __all__ = [
@@ -84,16 +67,16 @@ __all__ = [
     "sparse_plus_lowrank",
 ]
 
-HESSIANS = ("full", "diagonal", "identity")
-LOWRANK_STEPS = ("gd", "exact")
+_HESSIANS = ("full", "diagonal", "identity")
+_LOWRANK_STEPS = ("gd", "exact")
 # The pruner each Hessian calls for (sections 4.1.1–4.1.3): the exact minimiser of (P1) for the
 # identity and the diagonal, the paper's SparseGPT for the full Hessian.
-DEFAULT_PRUNER = {"full": "sparsegpt", "diagonal": "wanda", "identity": "magnitude"}
+_DEFAULT_PRUNER = {"full": "sparsegpt", "diagonal": "wanda", "identity": "magnitude"}
 # Low-Rank-GD is the paper's (P2) step for the full Hessian; for the others (P2) has a closed
 # form (Eckart–Young, Theorem 4.1) that gradient descent could only approach.
-DEFAULT_LOWRANK = {"full": "gd", "diagonal": "exact", "identity": "exact"}
+_DEFAULT_LOWRANK = {"full": "gd", "diagonal": "exact", "identity": "exact"}
 # Options of the built-in pruners and their defaults (those of the pruners' own functions).
-PRUNER_OPTIONS = {
+_PRUNER_OPTIONS = {
     "magnitude": {},
     "wanda": {},
     "sparsegpt": {"damping": 0.01, "block_size": 128},
@@ -125,12 +108,24 @@ class SparsePlusLowRank:
     best_iteration: int | None = None
 
     def __post_init__(self) -> None:
-        if self.S.ndim != 2 or self.U.ndim != 2 or self.V.ndim != 2 \
-                or self.U.shape[1] != self.V.shape[1] \
+        xp, _ = check.namespace(S=self.S, U=self.U, V=self.V)
+        dtype = check.common_dtype(xp, S=self.S, U=self.U, V=self.V)
+        for name in ("S", "U", "V"):
+            check.matrix(xp, getattr(self, name), name, dtype)
+        if self.U.shape[1] != self.V.shape[1] \
                 or (self.U.shape[0], self.V.shape[0]) != tuple(self.S.shape):
             raise ValueError(f"SparsePlusLowRank needs S (d_in, d_out), U (d_in, r) and V (d_out, r), "
                              f"got shapes {tuple(self.S.shape)}, {tuple(self.U.shape)} and "
                              f"{tuple(self.V.shape)}")
+        if self.history is not None and (not isinstance(self.history, tuple) or not all(
+                isinstance(v, float) for v in self.history)):
+            raise TypeError(f"history must be None or a tuple of floats, got "
+                            f"{check.type_name(self.history)}")
+        if self.best_iteration is not None:
+            limit = None if self.history is None else len(self.history) - 1
+            object.__setattr__(self, "best_iteration", check.integer(
+                "best_iteration", self.best_iteration, minimum=0, maximum=limit,
+                what="" if limit is None else "(an index in history)"))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -168,7 +163,7 @@ class SparsePlusLowRank:
 
     def matmul(self, X: Any) -> Any:
         """``X @ Ŵ = X @ S + (X @ U) @ Vᵀ``, never forming ``Ŵ``; ``X`` of shape ``(..., d_in)``."""
-        _, X = layer_input(X, self.S, self.S.shape[0])
+        _, X = check.layer_input(X, self.S, self.S.shape[0])
         return X @ self.S + (X @ self.U) @ self.V.T
 
     def rel_error(self, W: Any, H: Any | None = None) -> float:
@@ -205,12 +200,9 @@ class SparseLowRankBudget(NamedTuple):
     nnz: int
 
 
-def _check_fraction(name: str, value: Any, *, closed_low: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or not (0 <= value < 1 if closed_low else 0 < value < 1):
-        interval = "[0, 1)" if closed_low else "(0, 1)"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)
+def _fraction(name: str, value: Any, *, closed_low: bool) -> float:
+    return check.real(name, value, minimum=0.0, maximum=1.0, low_open=not closed_low,
+                      high_open=True)
 
 
 def sparse_lowrank_rank(shape: tuple[int, int], compression: float, *,
@@ -240,10 +232,10 @@ def sparse_lowrank_rank(shape: tuple[int, int], compression: float, *,
     ValueError
         If the sparse part alone exceeds the budget ``(1 − ρ) d_in d_out``.
     """
-    d_in, d_out = check_shape(shape)
-    compression = _check_fraction("compression", compression, closed_low=True)
+    d_in, d_out = check.shape(shape)
+    compression = _fraction("compression", compression, closed_low=True)
     pattern = parse_pattern(pattern)
-    density = check_density(density, pattern)
+    density = check.density(density, pattern)
     size = d_in * d_out
     sparse = nnz_budget((d_in, d_out), density, pattern)
     room = (1.0 - compression) * size - sparse
@@ -277,9 +269,9 @@ def sparse_lowrank_budget(shape: tuple[int, int], compression: float,
         ``(rank, density, nnz)``; pass ``rank`` and ``density`` to :func:`sparse_plus_lowrank`
         with ``pattern="unstructured"``.
     """
-    d_in, d_out = check_shape(shape)
-    compression = _check_fraction("compression", compression, closed_low=True)
-    rank_ratio = _check_fraction("rank_ratio", rank_ratio, closed_low=False)
+    d_in, d_out = check.shape(shape)
+    compression = _fraction("compression", compression, closed_low=True)
+    rank_ratio = _fraction("rank_ratio", rank_ratio, closed_low=False)
     kept = (1.0 - compression) * d_in * d_out
     rank = min(math.floor(rank_ratio * kept / (d_in + d_out) + 1e-9), d_in, d_out)
     nnz = math.floor((1.0 - rank_ratio) * kept + 1e-9)
@@ -295,47 +287,45 @@ def _sparse_step(xp: Any, pruner: str | Callable[..., Any], H_method: Any, densi
     if callable(pruner):
         def user_step(target: Any) -> Any:
             S = pruner(target, H_method, density=density, pattern=str(pattern), **options)
-            _check_user_result(xp, S, target, density, pattern)
-            return xp.astype(S, target.dtype) if S.dtype != target.dtype else S
+            return _user_result(xp, S, target, density, pattern)
         return user_step
 
-    settings = {**PRUNER_OPTIONS[pruner], **options}
+    settings = {**_PRUNER_OPTIONS[pruner], **options}
     if pruner == "sparsegpt":
-        check_sparsegpt_options(settings["damping"], settings["block_size"])
+        settings = dict(zip(("damping", "block_size"), _sparsegpt_options(
+            settings["damping"], settings["block_size"])))
     if pruner == "admm":
-        settings = dict(zip(("iters", "gradual_iters", "damping", "rho"), check_admm_prune_options(
+        settings = dict(zip(("iters", "gradual_iters", "damping", "rho"), _admm_prune_options(
             settings["iters"], settings["gradual_iters"], settings["damping"], settings["rho"])))
     if pruner == "magnitude":
         return lambda target: xp.where(_mask(xp, xp.abs(target), density, pattern), target,
                                        xp.zeros_like(target))
     if pruner == "wanda":
-        input_norms = xp.sqrt(xp.clip(xp.linalg.diagonal(H_method), 0, None))[:, None]
-        return lambda target: xp.where(_mask(xp, xp.abs(target) * input_norms, density, pattern),
-                                       target, xp.zeros_like(target))
+        norms = input_norms(xp, H_method)
+        return lambda target: xp.where(_mask(xp, _wanda_scores(xp, target, norms), density,
+                                             pattern), target, xp.zeros_like(target))
     if pruner == "sparsegpt":
-        factor = sparsegpt_factor(xp, H_method, settings["damping"])
-        return lambda target: sparsegpt_with_factor(xp, target, factor, density, pattern,
+        factor = _sparsegpt_factor(xp, H_method, settings["damping"])
+        return lambda target: _sparsegpt_with_factor(xp, target, factor, density, pattern,
                                                     settings["block_size"])
-    factor = admm_factor(xp, H_method, settings["damping"], settings["rho"])
-    return lambda target: admm_prune_with_factor(xp, target, factor, density, pattern,
+    factor = _admm_factor(xp, H_method, settings["damping"], settings["rho"])
+    return lambda target: _admm_prune_with_factor(xp, target, factor, density, pattern,
                                                  settings["iters"], settings["gradual_iters"])
 
 
-def _check_user_result(xp: Any, S: Any, target: Any, density: float,
-                       pattern: SparsityPattern) -> None:
-    """A user pruner's result must be a same-shaped array within the pattern and its budget."""
+def _user_result(xp: Any, S: Any, target: Any, density: float, pattern: SparsityPattern) -> Any:
+    """A user pruner's result, validated: a finite same-shaped array of ``target``'s library
+    within the pattern and its budget, returned in ``target``'s dtype (detached)."""
     try:
-        resolve_namespace(target=target, pruned=S)
+        check.namespace(target=target, pruned=S)
+        S = check.matrix(xp, S, "pruned", target.dtype, shape=tuple(target.shape))
     except (TypeError, ValueError) as error:
-        raise TypeError(f"pruner returned an array that does not match its input: {error}") from None
-    if tuple(S.shape) != tuple(target.shape):
-        raise ValueError(f"pruner returned shape {tuple(S.shape)} for a weight of shape "
-                         f"{tuple(target.shape)}")
+        raise type(error)(f"pruner returned an array that does not match its input: {error}") \
+            from None
     if not mask_satisfies(S != 0, density, pattern, exact=False):
         raise ValueError(f"pruner returned a weight outside pattern '{pattern}' at density "
                          f"{density:g} (more nonzeros than the pattern keeps)")
-    if not bool(xp.all(xp.isfinite(S))):
-        raise ValueError("pruner returned NaN or Inf")
+    return S
 
 
 @dataclass(frozen=True)
@@ -372,7 +362,7 @@ def _lowrank_coordinates(xp: Any, W: Any, H_method: Any, hessian: str, lowrank: 
     whitening = None
     if lowrank == "exact":
         # A diagonal H is the identity on the live inputs once scaled: no eigendecomposition.
-        whitening = whiten(xp, H_n) if hessian == "full" else identity_whitening(xp, ~dead, W.dtype)
+        whitening = _whiten(xp, H_n) if hessian == "full" else _identity_whitening(xp, ~dead, W.dtype)
     scaled_W = scaled_W / unit
     return _LowRankCoordinates(H_n, scale, dead, unit, whitening,
                                float(xp.sum(scaled_W * (H_n @ scaled_W))))
@@ -381,50 +371,52 @@ def _lowrank_coordinates(xp: Any, W: Any, H_method: Any, hessian: str, lowrank: 
 # --------------------------------------------------------------------------- validation
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
-    return value
-
-
-def _check_pruner(pruner: Any, options: Any) -> tuple[str | Callable[..., Any], dict[str, Any]]:
+def _pruner(pruner: Any, options: Any) -> tuple[str | Callable[..., Any], dict[str, Any]]:
     if options is None:
         options = {}
     if not isinstance(options, dict):
         raise TypeError(f"pruner_options must be a dict of keyword arguments, got "
-                        f"{type(options).__name__}")
+                        f"{check.type_name(options)}")
     if callable(pruner):
         return pruner, dict(options)
-    pruner = _check_choice("pruner", pruner, tuple(PRUNER_OPTIONS))
-    unknown = sorted(set(options) - set(PRUNER_OPTIONS[pruner]))
+    pruner = check.choice("pruner", pruner, tuple(_PRUNER_OPTIONS))
+    unknown = sorted(set(options) - set(_PRUNER_OPTIONS[pruner]))
     if unknown:
-        known = ", ".join(PRUNER_OPTIONS[pruner]) or "none"
+        known = ", ".join(_PRUNER_OPTIONS[pruner]) or "none"
         raise TypeError(f"pruner_options {unknown} are not options of pruner '{pruner}' "
                         f"(its options: {known})")
     return pruner, dict(options)
 
 
-def _initial_point(xp: Any, init: Any, W: Any, rank: int) -> tuple[Any, Any, Any] | None:
-    """``(S₀, U₀, V₀)`` of a warm start, cast to the compute dtype; ``None`` for a cold start."""
-    if init is None or (isinstance(init, str) and init == "random"):
+def _initial_point(xp: Any, init: Any, W: Any, rank: int, w_exponent: int,
+                   ) -> tuple[Any, Any, Any] | None:
+    """``(S₀, U₀, V₀)`` of a warm start, validated and in the scale of the validated ``W``
+    (``S₀`` and ``U₀`` divided by ``2**w_exponent``); ``None`` for a cold start."""
+    if init is None:
         return None
     if isinstance(init, str):
-        raise ValueError(f"init must be None, 'random', a LowRank or a SparsePlusLowRank, got {init!r}")
+        check.choice("init", init, ("random",))
+        return None
     if isinstance(init, SparsePlusLowRank):
         S, U, V = init.S, init.U, init.V
     elif isinstance(init, LowRank):
         S, U, V = None, init.U, init.V
     else:
         raise TypeError(f"init must be None, 'random', a LowRank or a SparsePlusLowRank, got "
-                        f"{type(init).__name__}")
+                        f"{check.type_name(init)}")
     d_in, d_out = W.shape
     if tuple(U.shape) != (d_in, rank) or tuple(V.shape) != (d_out, rank):
         raise ValueError(f"init has factors of shapes {tuple(U.shape)} and {tuple(V.shape)}, "
                          f"expected {(d_in, rank)} and {(d_out, rank)} for rank {rank}")
     arrays = {"init.U": U, "init.V": V} if S is None else {"init.S": S, "init.U": U, "init.V": V}
-    resolve_namespace(W=W, **arrays)
-    U, V = (as_compute_matrix(xp, U, "init.U", W.dtype), as_compute_matrix(xp, V, "init.V", W.dtype))
-    S = xp.zeros_like(W) if S is None else as_compute_matrix(xp, S, "init.S", W.dtype)
+    check.namespace(W=W, **arrays)
+    U = check.times_power_of_two(xp, check.matrix(xp, U, "init.U", W.dtype), -w_exponent)
+    V = check.matrix(xp, V, "init.V", W.dtype)
+    if S is None:
+        S = xp.zeros_like(W)
+    else:
+        S = check.times_power_of_two(xp, check.matrix(xp, S, "init.S", W.dtype, shape=(d_in, d_out)),
+                                     -w_exponent)
     return S, U, V
 
 
@@ -529,34 +521,34 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
     ``H``. Measured (2-core CPU, 1024 x 1024, 2:4 plus rank 16): 13 GEMMs per default
     iteration, about one standalone SparseGPT call (guide, section 16).
     """
-    hessian = _check_choice("hessian", hessian, HESSIANS)
-    xp, device = resolve_namespace(W=W, H=H)
-    dtype = common_compute_dtype(xp, W=W, H=H)
-    W = as_compute_matrix(xp, W, "W", dtype)
+    hessian = check.choice("hessian", hessian, _HESSIANS)
+    if H is None and hessian != "identity":
+        raise check.ArgumentTypeError(f"H (the calibration Gram matrix XᵀX) is required with "
+                        f"hessian='{hessian}'; only hessian='identity' is data free")
+    # The alternation is exactly homogeneous under powers of two (H by even ones): it solves
+    # at unit magnitude, and S and U get the scale of W back.
+    xp, device, W, H, w_exponent = check.layer_problem(W, H, needs_H=False,
+                                                       require_live=hessian != "identity")
+    dtype = W.dtype
     d_in, d_out = W.shape
-    if H is None:
-        if hessian != "identity":
-            raise ValueError(f"H (the calibration Gram matrix XᵀX) is required with "
-                             f"hessian='{hessian}'; only hessian='identity' is data free")
-    else:
-        H = as_compute_matrix(xp, H, "H", dtype)
-        check_gram(xp, H, d_in)
-    rank = check_rank(rank, (d_in, d_out))
+    rank = check.rank(rank, (d_in, d_out))
     pattern = parse_pattern(pattern)
-    density = check_density(density, pattern)
+    density = check.density(density, pattern)
     if nnz_budget((d_in, d_out), density, pattern) == 0:
         raise ValueError(f"density={density} keeps no entry of a {(d_in, d_out)} weight under "
                          f"pattern '{pattern}'; increase density")
-    pruner, pruner_options = _check_pruner(DEFAULT_PRUNER[hessian] if pruner is None else pruner,
+    pruner, pruner_options = _pruner(_DEFAULT_PRUNER[hessian] if pruner is None else pruner,
                                            pruner_options)
-    lowrank = _check_choice("lowrank", DEFAULT_LOWRANK[hessian] if lowrank is None else lowrank,
-                            LOWRANK_STEPS)
-    iters = check_count("iters", iters, 1)
-    lowrank_iters = check_count("lowrank_iters", lowrank_iters, 1)
-    lr = check_positive("lr", lr)
-    start = _initial_point(xp, init, W, rank)
+    lowrank = check.choice("lowrank", _DEFAULT_LOWRANK[hessian] if lowrank is None else lowrank,
+                            _LOWRANK_STEPS)
+    iters = check.integer("iters", iters, minimum=1)
+    lowrank_iters = check.integer("lowrank_iters", lowrank_iters, minimum=1)
+    lr = check.real("lr", lr, minimum=0.0, low_open=True)
+    scaled = check.flag("scaled", scaled)
+    rng = check.rng(rng)
 
-    reference = float(weighted_sq_norm(xp, W, H))
+    start = _initial_point(xp, init, W, rank, w_exponent)
+    reference = float(_weighted_sq_norm(xp, W, H))
     if reference == 0.0:
         raise ValueError("W has zero norm under H (tr(WᵀHW) = 0): there is nothing to approximate")
 
@@ -566,15 +558,12 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
         H_method = xp.eye(d_in, dtype=dtype, device=device) * xp.linalg.diagonal(H)[None, :]
     else:
         H_method = xp.eye(d_in, dtype=dtype, device=device)
-    if not bool(xp.any(xp.linalg.diagonal(H_method) > 0)):
-        raise ValueError("H has an all-zero diagonal: every input is dead, there is nothing to "
-                         "reconstruct")
 
     prune = _sparse_step(xp, pruner, H_method, density, pattern, pruner_options)
     coordinates = _lowrank_coordinates(xp, W, H_method, hessian, lowrank, scaled)
 
     def relative_objective(S: Any, U: Any, V: Any) -> float:
-        return float(weighted_sq_norm(xp, W - S - U @ V.T, H)) / reference
+        return float(_weighted_sq_norm(xp, W - S - U @ V.T, H)) / reference
 
     def relative_objective_gd(T: Any, HT: Any, U_n: Any, V_n: Any) -> float:
         # f in scaled coordinates from the product H_n T that Low-Rank-GD has already formed,
@@ -595,24 +584,25 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
         history = [relative_objective(S, U, V)]
     best, best_iteration = (S, U, V), 0
     # Low-Rank-GD's factors live in scaled coordinates between iterations (the warm start).
-    U_n, V_n = balance_columns(xp, coordinates.to_scaled(xp, U), V)
+    U_n, V_n = _balance_columns(xp, coordinates.to_scaled(xp, U), V)
     cold_gd_start = start is None and init is None
 
     for t in range(1, iters + 1):
         S = prune(W - U @ V.T)
         T = coordinates.to_scaled(xp, W - S)
         if lowrank == "exact":
-            U_n, V_n = whitened_lowrank(xp, T, coordinates.whitening, rank)
+            U_n, V_n = _whitened_lowrank(xp, T, coordinates.whitening, rank)
         else:
             if t == 1 and cold_gd_start:
                 # The diagonal-Hessian minimiser (Theorem 4.1) in scaled coordinates, by the
                 # randomized SVD: a start needs no full SVD (which costs ~25 GEMMs at 1024²).
-                start_svd = randomized_svd(T, rank, rng=0 if rng is None else rng)
-                U_n, V_n = balance_columns(xp, start_svd.U, start_svd.V)
+                U_n, V_n = _balance_columns(xp, *_randomized_svd(
+                    xp, device, T, rank, 10, _default_power_iters(rank, tuple(T.shape)),
+                    0 if rng is None else rng))
             HT = coordinates.H_n @ T
             residual_norm = xp.sum(T * HT)
             if float(residual_norm) > 0:
-                U_n, V_n, _ = adam_lowrank(xp, coordinates.H_n, HT, residual_norm, U_n, V_n,
+                U_n, V_n, _ = _adam_lowrank(xp, coordinates.H_n, HT, residual_norm, U_n, V_n,
                                            iters=lowrank_iters,
                                            lr=hassle_free_learning_rate(t, lr), check_every=10)
             else:  # S reproduces W on the live inputs: M = 0 is exact
@@ -624,4 +614,6 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
         if history[-1] < history[best_iteration]:
             best, best_iteration = (S, U, V), t
     S, U, V = best
-    return SparsePlusLowRank(S, U, V, tuple(history), best_iteration)
+    return SparsePlusLowRank(check.times_power_of_two(xp, S, w_exponent),
+                             check.times_power_of_two(xp, U, w_exponent), V, tuple(history),
+                             best_iteration)

@@ -18,31 +18,25 @@ position, so every backend returns the same mask for the same scores).
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ._array import (
-    as_compute_matrix,
-    compute_dtype,
-    resolve_namespace,
-    top_k_mask,
-)
+from . import _validation as check
+from ._array import top_k_mask
+from ._hessian import input_norms
 
 __all__ = [
     "SparsityPattern",
-    "parse_pattern",
-    "check_density",
-    "keep_count",
-    "nnz_budget",
-    "mask_from_scores",
-    "gradual_mask",
-    "cubic_schedule",
     "magnitude_scores",
-    "wanda_scores",
+    "mask_from_scores",
     "mask_satisfies",
+    "nnz_budget",
+    "parse_pattern",
+    "wanda_scores",
 ]
+
+_KINDS = ("unstructured", "per_output", "n:m")
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -63,6 +57,19 @@ class SparsityPattern:
     n: int | None = None
     m: int | None = None
 
+    def __post_init__(self) -> None:
+        check.choice("kind", self.kind, _KINDS)
+        if self.kind != "n:m":
+            if self.n is not None or self.m is not None:
+                raise ValueError(f"n and m belong to the 'n:m' pattern only; pattern "
+                                 f"'{self.kind}' got n={self.n!r}, m={self.m!r}")
+            return
+        m = check.integer("m", self.m, minimum=1, what="(the group size of an 'n:m' pattern)")
+        n = check.integer("n", self.n, minimum=1, maximum=m,
+                          what="(kept per group of m: 1 <= n <= m)")
+        object.__setattr__(self, "n", n)
+        object.__setattr__(self, "m", m)
+
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.kind == "n:m" else self.kind
 
@@ -76,10 +83,10 @@ def parse_pattern(pattern: str | SparsityPattern) -> SparsityPattern:
         If ``pattern`` is none of these forms.
     """
     if isinstance(pattern, SparsityPattern):
-        return pattern
+        return pattern  # validated when it was constructed
     if not isinstance(pattern, str):
         raise TypeError(f"pattern must be a string such as 'unstructured', 'per_output' or '2:4', "
-                        f"got {type(pattern).__name__}")
+                        f"or a SparsityPattern, got {pattern!r} ({check.type_name(pattern)})")
     if pattern in ("unstructured", "per_output"):
         return SparsityPattern(pattern)
     match = _NM_RE.match(pattern)
@@ -93,46 +100,22 @@ def parse_pattern(pattern: str | SparsityPattern) -> SparsityPattern:
     return SparsityPattern("n:m", n, m)
 
 
-def check_density(density: Any, pattern: SparsityPattern) -> float:
-    """Validate ``density`` against ``pattern`` and return it as a float.
 
-    For ``"n:m"`` the density is implied: ``None`` or ``n/m`` are accepted, anything else is an
-    error. For the other patterns it must be a number in (0, 1].
-    """
-    if pattern.kind == "n:m":
-        implied = pattern.n / pattern.m
-        if density is None:
-            return implied
-        if isinstance(density, numbers.Real) and not isinstance(density, bool) \
-                and math.isclose(float(density), implied, rel_tol=1e-9):
-            return implied
-        raise ValueError(f"density={density!r} contradicts pattern '{pattern}', which keeps "
-                         f"{pattern.n}/{pattern.m} = {implied:g}; leave density as None")
-    if density is None:
-        raise ValueError(f"density is required for pattern '{pattern}'")
-    if isinstance(density, bool) or not isinstance(density, numbers.Real):
-        raise TypeError(f"density must be a real number in (0, 1], got {type(density).__name__}")
-    density = float(density)
-    if not 0.0 < density <= 1.0:  # also rejects NaN
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    return density
-
-
-def keep_count(density: float, size: int) -> int:
+def _keep_count(density: float, size: int) -> int:
     """``floor(density * size)``, robust to the rounding of ``density`` (0.29 * 100 keeps 29)."""
     return min(size, math.floor(density * size + 1e-9))
 
 
 def nnz_budget(shape: tuple[int, int], density: float | None, pattern: str | SparsityPattern) -> int:
     """The exact number of entries a mask of ``pattern`` keeps in a ``(d_in, d_out)`` matrix."""
+    d_in, d_out = check.shape(shape)
     pattern = parse_pattern(pattern)
-    density = check_density(density, pattern)
-    d_in, d_out = shape
+    density = check.density(density, pattern)
     _check_shape_fits(pattern, d_in)
     if pattern.kind == "unstructured":
-        return keep_count(density, d_in * d_out)
+        return _keep_count(density, d_in * d_out)
     if pattern.kind == "per_output":
-        return keep_count(density, d_in) * d_out
+        return _keep_count(density, d_in) * d_out
     return pattern.n * (d_in // pattern.m) * d_out
 
 
@@ -148,7 +131,7 @@ def _check_keeps_something(count: int, density: float, pattern: SparsityPattern,
                          f"increase density")
 
 
-def cubic_schedule(step: int, steps: int) -> float:
+def _cubic_schedule(step: int, steps: int) -> float:
     """Fraction of the final pruning reached at ``step`` (1-based) of ``steps``.
 
     The cubic schedule of Zhu & Gupta (2018): ``1 - (1 - step/steps)**3``, reaching 1 at
@@ -176,10 +159,10 @@ def mask_from_scores(scores: Any, density: float | None = None,
         Boolean array, same namespace and device as ``scores``, meeting the pattern and
         ``nnz_budget`` exactly.
     """
-    xp, _ = resolve_namespace(scores=scores)
+    xp, _ = check.namespace(scores=scores)
+    scores = check.matrix(xp, scores, "scores", check.common_dtype(xp, scores=scores))
     pattern = parse_pattern(pattern)
-    density = check_density(density, pattern)
-    scores = as_compute_matrix(xp, scores, "scores", compute_dtype(xp, scores, "scores"))
+    density = check.density(density, pattern)
     return _mask(xp, scores, density, pattern)
 
 
@@ -187,18 +170,18 @@ def _mask(xp: Any, scores: Any, density: float, pattern: SparsityPattern) -> Any
     d_in, d_out = scores.shape
     _check_shape_fits(pattern, d_in)
     if pattern.kind == "unstructured":
-        count = keep_count(density, d_in * d_out)
+        count = _keep_count(density, d_in * d_out)
         _check_keeps_something(count, density, pattern, "the matrix")
         return top_k_mask(xp, scores, count)
     if pattern.kind == "per_output":
-        count = keep_count(density, d_in)
+        count = _keep_count(density, d_in)
         _check_keeps_something(count, density, pattern, "an output column")
         return top_k_mask(xp, scores, count, axis=0)
     groups = xp.reshape(scores, (d_in // pattern.m, pattern.m, d_out))
     return xp.reshape(top_k_mask(xp, groups, pattern.n, axis=1), (d_in, d_out))
 
 
-def gradual_mask(xp: Any, scores: Any, density: float, pattern: SparsityPattern,
+def _gradual_mask(xp: Any, scores: Any, density: float, pattern: SparsityPattern,
                  fraction: float) -> Any:
     """Mask that has done ``fraction`` of the pruning from dense to ``pattern``.
 
@@ -215,7 +198,7 @@ def gradual_mask(xp: Any, scores: Any, density: float, pattern: SparsityPattern,
     if fraction >= 1.0:
         return _mask(xp, scores, density, pattern)
     if pattern.kind == "per_output":
-        removed = math.floor(fraction * (d_in - keep_count(density, d_in)))
+        removed = math.floor(fraction * (d_in - _keep_count(density, d_in)))
         return top_k_mask(xp, scores, d_in - removed, axis=0)
     size = d_in * d_out
     final_keep = nnz_budget((d_in, d_out), density, pattern)
@@ -227,16 +210,54 @@ def gradual_mask(xp: Any, scores: Any, density: float, pattern: SparsityPattern,
 
 
 def magnitude_scores(W: Any) -> Any:
-    """``|W|``: the score of magnitude pruning (the Frobenius projection onto the pattern)."""
-    xp, _ = resolve_namespace(W=W)
-    return xp.abs(W)
+    """``|W|``: the score of magnitude pruning (the Frobenius projection onto the pattern).
+
+    Parameters
+    ----------
+    W
+        ``(d_in, d_out)`` weight.
+
+    Returns
+    -------
+    scores
+        ``(d_in, d_out)`` in the compute dtype, for :func:`mask_from_scores`.
+    """
+    xp, _ = check.namespace(W=W)
+    return xp.abs(check.matrix(xp, W, "W", check.common_dtype(xp, W=W)))
 
 
 def wanda_scores(W: Any, H: Any) -> Any:
-    """Wanda's score ``|W_ij| * ||X_i||`` with ``||X_i||² = H_ii`` (Sun et al., 2023)."""
-    xp, _ = resolve_namespace(W=W, H=H)
-    input_norms = xp.sqrt(xp.clip(xp.linalg.diagonal(H), 0, None))
-    return xp.abs(W) * input_norms[:, None]
+    """Wanda's score ``|W_ij| · ‖X_i‖`` with ``‖X_i‖² = H_ii`` (Sun et al., 2023).
+
+    Parameters
+    ----------
+    W
+        ``(d_in, d_out)`` weight.
+    H
+        ``(d_in, d_in)`` Gram matrix ``XᵀX``.
+
+    Returns
+    -------
+    scores
+        ``(d_in, d_out)`` in the compute dtype, for :func:`mask_from_scores`. Computed on
+        ``W`` and ``H`` scaled to unit magnitude by powers of two (the mask they give is the
+        same, and the products cannot overflow), then scaled back: entries beyond the dtype's
+        range come back as Inf, which a mask still orders correctly against finite ones.
+    """
+    xp, _ = check.namespace(W=W, H=H)
+    dtype = check.common_dtype(xp, W=W, H=H)
+    W = check.matrix(xp, W, "W", dtype)
+    H = check.matrix(xp, H, "H", dtype)
+    check.gram(xp, H, W.shape[0])
+    W_n, w_exponent = check.normalised(xp, W, "W")
+    H_n, h_exponent = check.normalised(xp, H, "H", even=True)
+    scores = _wanda_scores(xp, W_n, input_norms(xp, H_n))
+    return check.times_power_of_two(xp, scores, w_exponent + h_exponent // 2)
+
+
+def _wanda_scores(xp: Any, W: Any, norms: Any) -> Any:
+    """``|W_ij| · norms_i`` on validated arrays (``norms`` from :func:`matfactor._hessian.input_norms`)."""
+    return xp.abs(W) * norms[:, None]
 
 
 def mask_satisfies(mask: Any, density: float | None, pattern: str | SparsityPattern, *,
@@ -254,20 +275,18 @@ def mask_satisfies(mask: Any, density: float | None, pattern: str | SparsityPatt
     ValueError
         If ``mask`` is not 2-D or ``pattern`` cannot apply to its shape (as :func:`nnz_budget`).
     """
-    xp, _ = resolve_namespace(mask=mask)
-    if mask.dtype != xp.bool:
-        raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be a 2-D matrix, got shape {tuple(mask.shape)}")
+    xp, _ = check.namespace(mask=mask)
+    mask = check.boolean_mask(xp, mask, "mask")
+    exact = check.flag("exact", exact)
     pattern = parse_pattern(pattern)
-    density = check_density(density, pattern)
+    density = check.density(density, pattern)
     d_in, d_out = mask.shape
     _check_shape_fits(pattern, d_in)
     counts = xp.astype(mask, xp.int64)
     if pattern.kind == "unstructured":
-        kept, allowed = xp.sum(counts), keep_count(density, d_in * d_out)
+        kept, allowed = xp.sum(counts), _keep_count(density, d_in * d_out)
     elif pattern.kind == "per_output":
-        kept, allowed = xp.sum(counts, axis=0), keep_count(density, d_in)
+        kept, allowed = xp.sum(counts, axis=0), _keep_count(density, d_in)
     else:
         kept = xp.sum(xp.reshape(counts, (d_in // pattern.m, pattern.m, d_out)), axis=1)
         allowed = pattern.n

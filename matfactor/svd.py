@@ -26,21 +26,12 @@ it. ``U Vᵀ`` does not change.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any
 
-from ._array import (
-    check_count,
-    add_to_diagonal,
-    as_compute_matrix,
-    check_gram,
-    check_shape,
-    common_compute_dtype,
-    layer_input,
-    random_normal,
-    resolve_namespace,
-)
+from . import _validation as check
+from ._array import random_normal
+from ._hessian import diagonal_scaling
 from .error import layer_error
 
 __all__ = [
@@ -73,9 +64,18 @@ class LowRank:
     history: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.U.ndim != 2 or self.V.ndim != 2 or self.U.shape[1] != self.V.shape[1]:
-            raise ValueError(f"LowRank needs U (d_in, r) and V (d_out, r), got shapes "
-                             f"{tuple(self.U.shape)} and {tuple(self.V.shape)}")
+        xp, _ = check.namespace(U=self.U, V=self.V)
+        dtype = check.common_dtype(xp, U=self.U, V=self.V)
+        check.matrix(xp, self.U, "U", dtype)
+        check.matrix(xp, self.V, "V", dtype)
+        if self.U.shape[1] != self.V.shape[1]:
+            raise ValueError(f"LowRank needs U (d_in, r) and V (d_out, r) with the same r, got "
+                             f"shapes {tuple(self.U.shape)} and {tuple(self.V.shape)}")
+        if self.history is not None:
+            if not isinstance(self.history, tuple) \
+                    or not all(isinstance(v, float) for v in self.history):
+                raise TypeError(f"history must be None or a tuple of floats, got "
+                                f"{check.type_name(self.history)}")
 
     @property
     def rank(self) -> int:
@@ -102,7 +102,7 @@ class LowRank:
 
         ``X`` has shape ``(..., d_in)``; it is computed in the factors' dtype.
         """
-        _, X = layer_input(X, self.U, self.U.shape[0])
+        _, X = check.layer_input(X, self.U, self.U.shape[0])
         return (X @ self.U) @ self.V.T
 
     def rel_error(self, W: Any, H: Any | None = None) -> float:
@@ -114,44 +114,17 @@ class LowRank:
 # --------------------------------------------------------------------------- validation
 
 
-def check_rank(rank: Any, shape: tuple[int, int]) -> int:
-    """``rank`` as an int in ``[1, min(d_in, d_out)]``, else a ``ValueError`` naming it."""
-    limit = min(shape)
-    if isinstance(rank, bool):
-        raise ValueError(f"rank must be an integer in [1, {limit}], got {rank!r}")
-    try:
-        value = operator.index(rank)
-    except TypeError:
-        raise ValueError(f"rank must be an integer in [1, {limit}], got {rank!r}") from None
-    if not 1 <= value <= limit:
-        raise ValueError(f"rank must be an integer in [1, min(d_in, d_out)] = [1, {limit}] for a "
-                         f"{tuple(shape)} weight, got {value}")
-    return value
-
-
-def check_damping(damping: Any) -> float:
-    """A finite ``damping >= 0``, else a ``ValueError`` naming it."""
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) \
-            or not math.isfinite(damping) or damping < 0:
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
-    return float(damping)
-
-
-def _prepare_W(W: Any, H: Any | None = None) -> tuple[Any, Any, Any, Any]:
-    """Validate ``W`` (and ``H``) and return ``(xp, device, W, H)`` in the compute dtype."""
-    xp, device = resolve_namespace(W=W, H=H)
-    dtype = common_compute_dtype(xp, W=W, H=H)
-    W = as_compute_matrix(xp, W, "W", dtype)
-    if H is not None:
-        H = as_compute_matrix(xp, H, "H", dtype)
-        check_gram(xp, H, W.shape[0])
-    return xp, device, W, H
+def _prepare_W(W: Any, H: Any | None = None, *, needs_H: bool = False,
+               ) -> tuple[Any, Any, Any, Any, int]:
+    """Validate ``W`` (and ``H``); return ``(xp, device, W, H, w_exponent)``, scaled
+    (:func:`matfactor._validation.layer_problem`)."""
+    return check.layer_problem(W, H, needs_H=needs_H, require_live=True)
 
 
 # --------------------------------------------------------------------------- shared helpers
 
 
-def fix_signs(xp: Any, U: Any, V: Any) -> tuple[Any, Any]:
+def _fix_signs(xp: Any, U: Any, V: Any) -> tuple[Any, Any]:
     """Flip column pairs so that the largest-magnitude entry of each column of ``V`` is positive.
 
     Decided from the column's max and min, so it needs no index arithmetic and is the same rule
@@ -163,36 +136,6 @@ def fix_signs(xp: Any, U: Any, V: Any) -> tuple[Any, Any]:
     sign = xp.where(largest >= -smallest, ones, -ones)
     return U * sign, V * sign
 
-
-def diagonal_scaling(xp: Any, H: Any, damping: float) -> tuple[Any, Any, Any]:
-    """The Gram matrix with unit diagonal of the paper's eq. (7), relative damping included.
-
-    With ``h̄`` the mean diagonal over live inputs, ``λ = damping · h̄`` is added to the live
-    diagonal (dead inputs are no part of the problem: their rows of the result are zero), and
-    ``D = √diag(H + λI)``. Returns ``(H_n, scale, dead)`` with ``H_n = D⁻¹ (H + λI) D⁻¹``,
-    ``scale = D / √h̄`` (1 for dead inputs, whose rows and columns of ``H_n`` stay zero) and
-    the boolean vector of dead inputs. ``H_n`` does not depend on the scale of ``H``.
-
-    Raises
-    ------
-    ValueError
-        If every input is dead (all-zero diagonal).
-    """
-    diagonal = xp.linalg.diagonal(H)
-    dead = diagonal <= 0
-    live_count = int(xp.sum(xp.astype(~dead, xp.int64)))
-    if live_count == 0:
-        raise ValueError("H has an all-zero diagonal: every input is dead, there is nothing "
-                         "to reconstruct")
-    zeros = xp.zeros_like(diagonal)
-    live_mean = xp.sum(xp.where(dead, zeros, diagonal)) / live_count
-    damped = xp.where(dead, zeros, diagonal + damping * live_mean)
-    root = xp.sqrt(xp.where(dead, xp.ones_like(diagonal), damped))
-    H_n = H / root[:, None] / root[None, :]
-    if damping > 0:
-        # (H + λI)_ii / D_ii² = 1 on live inputs: the damping adds λ / D_ii² there.
-        H_n = add_to_diagonal(xp, H_n, xp.where(dead, zeros, damping * live_mean / (root * root)))
-    return H_n, root / xp.sqrt(live_mean), dead
 
 
 # --------------------------------------------------------------------------- solvers
@@ -224,14 +167,18 @@ def truncated_svd(W: Any, rank: int) -> LowRank:
     Costs a full SVD of ``W`` (``O(d_in d_out min(d_in, d_out))``) whatever the rank;
     :func:`randomized_svd` is much cheaper for ``r << min(d_in, d_out)``.
     """
-    xp, _, W, _ = _prepare_W(W)
-    rank = check_rank(rank, tuple(W.shape))
+    xp, _, W, _, w_exponent = _prepare_W(W)
+    rank = check.rank(rank, tuple(W.shape))
+    U, V = _truncated_svd(xp, W, rank)
+    return LowRank(check.times_power_of_two(xp, U, w_exponent), V)
+
+
+def _truncated_svd(xp: Any, W: Any, rank: int) -> tuple[Any, Any]:
     U, s, Vh = xp.linalg.svd(W, full_matrices=False)
-    U, V = fix_signs(xp, U[:, :rank] * s[None, :rank], Vh[:rank, :].T)
-    return LowRank(U, V)
+    return _fix_signs(xp, U[:, :rank] * s[None, :rank], Vh[:rank, :].T)
 
 
-def default_power_iters(rank: int, shape: tuple[int, int]) -> int:
+def _default_power_iters(rank: int, shape: tuple[int, int]) -> int:
     """Power iterations used by :func:`randomized_svd` when ``power_iters=None``.
 
     Scikit-learn's rule (``randomized_svd(n_iter="auto")``): 7 when ``rank < 0.1 min(d_in,
@@ -270,7 +217,8 @@ def randomized_svd(W: Any, rank: int, *, oversampling: int = 10, power_iters: in
         reaches ``min(d_in, d_out)``, the full SVD (:func:`truncated_svd`) is returned: exact,
         and no dearer than a sketch that wide.
     power_iters
-        Subspace iterations ``q``; ``None`` picks :func:`default_power_iters`.
+        Subspace iterations ``q``; ``None`` picks scikit-learn's rule: 7 when
+        ``rank < 0.1·min(d_in, d_out)``, else 4.
     rng
         ``None``, an int seed or the backend's generator (:func:`matfactor._array.random_normal`):
         the same seed gives the same result on the same backend.
@@ -281,12 +229,20 @@ def randomized_svd(W: Any, rank: int, *, oversampling: int = 10, power_iters: in
         As :func:`truncated_svd`: ``U`` carries the singular values, ``V`` orthonormal, same
         sign rule. Exact (to rounding) when ``rank(W) <= rank``.
     """
-    xp, device, W, _ = _prepare_W(W)
-    rank = check_rank(rank, tuple(W.shape))
-    oversampling = check_count("oversampling", oversampling, 0)
+    xp, device, W, _, w_exponent = _prepare_W(W)
+    rank = check.rank(rank, tuple(W.shape))
+    oversampling = check.integer("oversampling", oversampling, minimum=0)
     if power_iters is None:
-        power_iters = default_power_iters(rank, tuple(W.shape))
-    power_iters = check_count("power_iters", power_iters, 0)
+        power_iters = _default_power_iters(rank, tuple(W.shape))
+    power_iters = check.integer("power_iters", power_iters, minimum=0)
+    rng = check.rng(rng)
+    U, V = _randomized_svd(xp, device, W, rank, oversampling, power_iters, rng)
+    return LowRank(check.times_power_of_two(xp, U, w_exponent), V)
+
+
+def _randomized_svd(xp: Any, device: Any, W: Any, rank: int, oversampling: int, power_iters: int,
+                    rng: Any) -> tuple[Any, Any]:
+    """:func:`randomized_svd` on a validated ``W``: ``(U, V)``."""
 
     transpose = W.shape[0] < W.shape[1]
     A = W.T if transpose else W
@@ -295,7 +251,7 @@ def randomized_svd(W: Any, rank: int, *, oversampling: int = 10, power_iters: in
     if sketch_width == min(W.shape):
         # A sketch as wide as the matrix spans all of it: the full SVD is then exact and no
         # dearer, while a square Gaussian sketch may be ill-conditioned (float32 loses digits).
-        return truncated_svd(W, rank)
+        return _truncated_svd(xp, W, rank)
     Q, _ = xp.linalg.qr(A @ omega)
     for _ in range(power_iters):
         Z, _ = xp.linalg.qr(A.T @ Q)
@@ -304,8 +260,7 @@ def randomized_svd(W: Any, rank: int, *, oversampling: int = 10, power_iters: in
     left, sigma, right = Q @ U_small[:, :rank], s[None, :rank], Vh[:rank, :].T  # A ≈ left Σ rightᵀ
     if transpose:  # W = Aᵀ ≈ right Σ leftᵀ
         left, right = right, left
-    U, V = fix_signs(xp, left * sigma, right)
-    return LowRank(U, V)
+    return _fix_signs(xp, left * sigma, right)
 
 
 def weighted_lowrank(W: Any, H: Any, rank: int, *, damping: float = 0.0) -> LowRank:
@@ -354,21 +309,26 @@ def weighted_lowrank(W: Any, H: Any, rank: int, *, damping: float = 0.0) -> LowR
     Cost: one eigendecomposition of ``H`` (``d_in³``), the SVD of the ``(d_in, d_out)``
     whitened weight and three GEMMs; the same order as :func:`truncated_svd` plus the ``eigh``.
     """
-    xp, _, W, H = _prepare_W(W, H)
-    rank = check_rank(rank, tuple(W.shape))
-    damping = check_damping(damping)
+    xp, _, W, H, w_exponent = _prepare_W(W, H, needs_H=True)
+    rank = check.rank(rank, tuple(W.shape))
+    damping = check.damping(damping)
+    U, V = _weighted_lowrank(xp, W, H, rank, damping)
+    return LowRank(check.times_power_of_two(xp, U, w_exponent), V)
+
+
+def _weighted_lowrank(xp: Any, W: Any, H: Any, rank: int, damping: float) -> tuple[Any, Any]:
+    """:func:`weighted_lowrank` on validated arrays: ``(U, V)``."""
     H_n, scale, dead = diagonal_scaling(xp, H, damping)
     # Work on D W / √h̄: the scaled problem of eq. (7), independent of the scale of H.
     W_n = xp.where(dead[:, None], xp.zeros_like(W), W * scale[:, None])
-    U_n, V = whitened_lowrank(xp, W_n, whiten(xp, H_n), rank)
+    U_n, V = _whitened_lowrank(xp, W_n, _whiten(xp, H_n), rank)
     U = xp.where(dead[:, None], xp.zeros_like(U_n), U_n / scale[:, None])
-    U, V = fix_signs(xp, U, V)
-    return LowRank(U, V)
+    return _fix_signs(xp, U, V)
 
 
 @dataclass(frozen=True)
-class Whitening:
-    """``H_n = Q diag(e) Qᵀ`` prepared for :func:`whitened_lowrank`, computed once per ``H``.
+class _Whitening:
+    """``H_n = Q diag(e) Qᵀ`` prepared for :func:`_whitened_lowrank`, computed once per ``H``.
 
     ``Q = None`` stands for the identity (``H_n`` diagonal with a unit diagonal on the live
     inputs, as the diagonal scaling makes any diagonal ``H``): no eigendecomposition, no GEMM.
@@ -379,21 +339,21 @@ class Whitening:
     in_range: Any   # boolean: eigenvalue above the rounding level of the eigendecomposition
 
 
-def whiten(xp: Any, H_n: Any) -> Whitening:
+def _whiten(xp: Any, H_n: Any) -> _Whitening:
     """Eigendecomposition of the scaled Gram matrix, with eigenvalues at rounding level zeroed."""
     eigenvalues, Q = xp.linalg.eigh(H_n)
     threshold = math.sqrt(H_n.shape[0]) * float(xp.finfo(H_n.dtype).eps) * xp.max(eigenvalues)
     in_range = eigenvalues > threshold
-    return Whitening(Q, xp.sqrt(xp.where(in_range, eigenvalues, xp.zeros_like(eigenvalues))),
+    return _Whitening(Q, xp.sqrt(xp.where(in_range, eigenvalues, xp.zeros_like(eigenvalues))),
                      in_range)
 
 
-def identity_whitening(xp: Any, live: Any, dtype: Any) -> Whitening:
-    """The :class:`Whitening` of a diagonal ``H_n`` that is 1 on ``live`` inputs, 0 elsewhere."""
-    return Whitening(None, xp.astype(live, dtype), live)
+def _identity_whitening(xp: Any, live: Any, dtype: Any) -> _Whitening:
+    """The :class:`_Whitening` of a diagonal ``H_n`` that is 1 on ``live`` inputs, 0 elsewhere."""
+    return _Whitening(None, xp.astype(live, dtype), live)
 
 
-def whitened_lowrank(xp: Any, W_n: Any, whitening: Whitening, rank: int) -> tuple[Any, Any]:
+def _whitened_lowrank(xp: Any, W_n: Any, whitening: _Whitening, rank: int) -> tuple[Any, Any]:
     """The exact rank-``r`` minimiser of ``tr((W_n − M)ᵀ H_n (W_n − M))`` (see weighted_lowrank).
 
     Returns ``(U, V)`` with ``M = U Vᵀ``, ``V`` orthonormal (signs not fixed). Cost with a full
@@ -423,10 +383,8 @@ def lowrank_rank_for_density(shape: tuple[int, int], density: float) -> int:
         ``r >= 0``; 0 means not even a rank-1 factorization fits. Never above
         ``min(d_in, d_out)`` (at density 1 the largest fit is below it).
     """
-    d_in, d_out = check_shape(shape)
-    if isinstance(density, bool) or not isinstance(density, (int, float)) \
-            or not 0 < density <= 1:
-        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+    d_in, d_out = check.shape(shape)
+    density = check.real("density", density, minimum=0.0, maximum=1.0, low_open=True)
     budget = density * d_in * d_out
     rank = int(budget // (d_in + d_out))
     # Floor division of floats can land one off either way: settle it with exact comparisons.

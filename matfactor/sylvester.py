@@ -19,16 +19,9 @@ loop with a changing right-hand side (and a first step with a smaller ``ρ₀``)
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
-from ._array import (
-    as_compute_matrix,
-    check_finite,
-    check_symmetric,
-    common_compute_dtype,
-    resolve_namespace,
-)
+from . import _validation as check
 
 __all__ = ["SylvesterSolver"]
 
@@ -57,23 +50,46 @@ class SylvesterSolver:
     """
 
     def __init__(self, M: Any, N: Any) -> None:
-        xp, device = resolve_namespace(M=M, N=N)
-        dtype = common_compute_dtype(xp, M=M, N=N)
-        M = as_compute_matrix(xp, M, "M", dtype)
-        N = as_compute_matrix(xp, N, "N", dtype)
-        check_symmetric(xp, M, "M", "positive semi-definite")
-        check_symmetric(xp, N, "N", "positive semi-definite")
+        xp, device = check.namespace(M=M, N=N)
+        dtype = check.common_dtype(xp, M=M, N=N)
+        M = check.matrix(xp, M, "M", dtype)
+        N = check.matrix(xp, N, "N", dtype)
+        check.symmetric(xp, M, "M", "positive semi-definite")
+        check.symmetric(xp, N, "N", "positive semi-definite")
+        # Work on M and N scaled to unit magnitude by even powers of two (exact, and exactly
+        # undone in solve): eigenvalue products cannot overflow or underflow.
+        M, self._m_exponent = check.normalised(xp, M, "M", even=True)
+        N, self._n_exponent = check.normalised(xp, N, "N", even=True)
         self._xp, self.device, self.dtype = xp, device, dtype
         d, self._Q = xp.linalg.eigh(M)
         e, self._R = xp.linalg.eigh(N)
-        self.eigenvalues_M = xp.clip(d, 0, None)
-        self.eigenvalues_N = xp.clip(e, 0, None)
         self.shape = (M.shape[0], N.shape[0])
-        # Products of eigenvalues below this are zero to working precision.
         eps = float(xp.finfo(dtype).eps)
-        largest = float(xp.max(self.eigenvalues_M)) * float(xp.max(self.eigenvalues_N))
-        self._singular = (float(xp.min(self.eigenvalues_M)) * float(xp.min(self.eigenvalues_N))
+        for name, eigenvalues in (("M", d), ("N", e)):
+            # A positive semi-definite matrix has eigenvalues >= 0 up to the rounding of the
+            # eigendecomposition, about size · eps · max |eigenvalue|.
+            smallest, largest = float(xp.min(eigenvalues)), float(xp.max(xp.abs(eigenvalues)))
+            if smallest < -10 * eigenvalues.shape[0] * eps * largest:
+                raise ValueError(f"{name} must be positive semi-definite, but it has the eigenvalue "
+                                 f"{smallest:.3g} against a largest magnitude of {largest:.3g}: "
+                                 f"the system has no unique solution for every rho")
+        # Eigenvalues that rounding makes slightly negative count as zero.
+        self._eigenvalues_M = xp.clip(d, 0, None)
+        self._eigenvalues_N = xp.clip(e, 0, None)
+        # Products of eigenvalues below this are zero to working precision.
+        largest = float(xp.max(self._eigenvalues_M)) * float(xp.max(self._eigenvalues_N))
+        self._singular = (float(xp.min(self._eigenvalues_M)) * float(xp.min(self._eigenvalues_N))
                           <= eps * max(self.shape) * largest)
+
+    @property
+    def eigenvalues_M(self) -> Any:
+        """The eigenvalues of ``M`` (clipped at zero), increasing."""
+        return check.times_power_of_two(self._xp, self._eigenvalues_M, self._m_exponent)
+
+    @property
+    def eigenvalues_N(self) -> Any:
+        """The eigenvalues of ``N`` (clipped at zero), increasing."""
+        return check.times_power_of_two(self._xp, self._eigenvalues_N, self._n_exponent)
 
     def solve(self, C: Any, rho: float) -> Any:
         """The ``A`` with ``M A N + ρ A = C`` (appendix A.1).
@@ -81,30 +97,31 @@ class SylvesterSolver:
         Parameters
         ----------
         C
-            ``(p, q)`` right-hand side.
+            ``(p, q)`` real floating right-hand side, from the library and device of ``M``.
         rho
             Non-negative shift ``ρ``.
 
         Raises
         ------
+        TypeError
+            If ``C`` is not a real floating array of ``M``'s library.
         ValueError
             If ``C`` has the wrong shape or NaN/Inf, ``rho`` is negative or not finite, or
             ``rho = 0`` while ``M`` or ``N`` is singular.
         """
         xp = self._xp
-        resolve_namespace(M=self._Q, C=C)
-        if C.ndim != 2 or tuple(C.shape) != self.shape:
-            raise ValueError(f"C must have shape {self.shape} (rows of M, rows of N), got "
-                             f"{tuple(C.shape)}")
-        if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not math.isfinite(rho) \
-                or rho < 0:
-            raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+        check.namespace(M=self._Q, C=C)
+        C = check.matrix(xp, C, "C", self.dtype, shape=self.shape)
+        rho = check.real("rho", rho, minimum=0.0)
         if rho == 0 and self._singular:
             raise ValueError("the system M A N = C is singular (M or N is singular) and rho = 0; "
                              "pass rho > 0")
-        C = xp.astype(C, self.dtype, copy=False) if C.dtype != self.dtype else C
-        check_finite(xp, C, "C")
+        # With M = 2^m M', N = 2^n N' and C = 2^c C': A = 2^(c-m-n) A' where
+        # M' A' N' + 2^-(m+n) ρ A' = C'.
+        C, c_exponent = check.normalised(xp, C, "C")
+        scale = self._m_exponent + self._n_exponent
         rotated = self._Q.T @ C @ self._R
-        denominator = self.eigenvalues_M[:, None] * self.eigenvalues_N[None, :] + float(rho)
-        return self._Q @ (rotated / denominator) @ self._R.T
-
+        denominator = self._eigenvalues_M[:, None] * self._eigenvalues_N[None, :] \
+            + math.ldexp(rho, -scale)
+        A = self._Q @ (rotated / denominator) @ self._R.T
+        return check.times_power_of_two(xp, A, c_exponent - scale)

@@ -10,68 +10,6 @@ from hypothesis import strategies as st
 from matfactor import _array
 
 
-def test_mixed_namespaces_are_a_type_error_naming_both():
-    torch = pytest.importorskip("torch")
-    with pytest.raises(TypeError, match="W and H come from different array libraries"):
-        _array.resolve_namespace(W=np.ones((2, 2)), H=torch.ones(2, 2))
-
-
-def test_mixed_devices_are_a_value_error_naming_both():
-    strict = pytest.importorskip("array_api_strict")
-    a = strict.asarray([[1.0]], device=strict.Device("CPU_DEVICE"))
-    b = strict.asarray([[1.0]], device=strict.Device("device1"))
-    with pytest.raises(ValueError, match="W is on device .* but H is on device"):
-        _array.resolve_namespace(W=a, H=b)
-
-
-def test_non_array_argument_is_named():
-    with pytest.raises(TypeError, match="W must be an array"):
-        _array.resolve_namespace(W=[[1.0, 2.0]])
-
-
-def test_none_arguments_are_skipped(backend):
-    xp, device = _array.resolve_namespace(W=backend.asarray(np.ones((2, 2))), H=None)
-    assert device == backend.device
-
-
-def test_dtype_policy(backend):
-    xp = backend.xp
-    for name, expected in [("float32", "float32"), ("float64", "float64")]:
-        x = backend.asarray(np.ones(2), name)
-        assert _array.compute_dtype(xp, x, "W") == backend.dtype(expected)
-    if backend.name != "array_api_strict":  # the strict namespace has no half precision
-        half = backend.asarray(np.ones(2), "float16")
-        assert _array.compute_dtype(xp, half, "W") == xp.float32
-    with pytest.raises(TypeError, match="W must be a float16, bfloat16, float32 or float64"):
-        _array.compute_dtype(xp, backend.asarray(np.ones(2, dtype=np.int64)), "W")
-
-
-def test_bfloat16_computes_in_float32():
-    torch = pytest.importorskip("torch")
-    xp = _array.resolve_namespace(W=torch.ones(1))[0]
-    assert _array.compute_dtype(xp, torch.ones(2, dtype=torch.bfloat16), "W") == torch.float32
-
-
-def test_non_finite_input_is_named(backend):
-    x = backend.asarray(np.array([[1.0, np.nan]]))
-    with pytest.raises(ValueError, match="W contains NaN or Inf"):
-        _array.as_compute_matrix(backend.xp, x, "W", backend.dtype("float64"))
-    x = backend.asarray(np.array([[1.0, np.inf]]))
-    with pytest.raises(ValueError, match="H contains NaN or Inf"):
-        _array.as_compute_matrix(backend.xp, x, "H", backend.dtype("float64"))
-
-
-@pytest.mark.parametrize("H, message", [
-    (np.ones((3, 4)), "H must be a square"),
-    (np.eye(4), "H has shape \\(4, 4\\) but W has d_in = 3"),
-    (np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), "H must be symmetric"),
-    (-np.eye(3), "H must be positive semi-definite"),
-])
-def test_gram_checks(backend, H, message):
-    with pytest.raises(ValueError, match=message):
-        _array.check_gram(backend.xp, backend.asarray(H), 3)
-
-
 def test_random_normal_reproducible_on_device(backend, dtype_name):
     xp, dtype = backend.xp, backend.dtype(dtype_name)
     a = _array.random_normal(xp, (64, 32), dtype=dtype, device=backend.device, rng=7)

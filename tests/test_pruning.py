@@ -118,7 +118,7 @@ def test_bad_input_names_the_argument(backend, name):
     with pytest.raises(ValueError, match="H must be symmetric"):
         prune(W, backend.asarray(H_asym), density=0.5)
     for density in (0.0, 1.2):
-        with pytest.raises(ValueError, match="density must be in"):
+        with pytest.raises(ValueError, match="density must be a real number in"):
             prune(W, H, density=density)
     with pytest.raises(ValueError, match="d_in divisible by m = 3"):
         prune(W, H, pattern="2:3")
@@ -126,13 +126,13 @@ def test_bad_input_names_the_argument(backend, name):
         prune(W, H, density=0.5, pattern="2-4")
     with pytest.raises(ValueError, match="W must be a 2-D matrix"):
         prune(backend.asarray(problem.W[0]), H, density=0.5)
-    with pytest.raises(TypeError, match="W must be a float16, bfloat16, float32 or float64"):
+    with pytest.raises(TypeError, match="W must be a real floating-point array"):
         prune(backend.asarray(np.ones((16, 8), dtype=np.int32)), H, density=0.5)
 
 
 @pytest.mark.parametrize("name", ["wanda", "sparsegpt", "admm"])
 def test_pruners_that_need_H_say_so(name):
-    with pytest.raises(ValueError, match="H .* is required"):
+    with pytest.raises(ValueError, match="H .*is required"):
         PRUNERS[name](np.ones((8, 4)), None, density=0.5)
 
 

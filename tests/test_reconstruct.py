@@ -236,13 +236,13 @@ def test_bad_input_is_named(backend):
         mpifa(W_b, ReconstructionStatistics(), 4)
     with pytest.raises(TypeError, match="statistics must be a ReconstructionStatistics"):
         mpifa(W_b, statistics.H, 4)
-    with pytest.raises(ValueError, match=r"rank must be an integer in \[1, min\(d_in, d_out\)\]"):
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[1, \d+\] \(at most min\(d_in, d_out\)"):
         mpifa(W_b, statistics, 13)
     with pytest.raises(ValueError, match="the statistics were accumulated for d_in = 16"):
         mpifa(backend.asarray(W[:8]), statistics, 4)
-    with pytest.raises(ValueError, match=r"mix must be a number in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"mix must be a real number in \[0, 1\]"):
         mpifa(W_b, statistics, 4, mix=1.5)
-    with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="alpha must be a real number >= 0"):
         mpifa(W_b, statistics, 4, alpha=-1.0)
     with pytest.raises(ValueError, match="init must be one of"):
         mpifa(W_b, statistics, 4, init="svd")

@@ -12,10 +12,9 @@ from hypothesis import strategies as st
 from matfactor import mask_from_scores, mask_satisfies, nnz_budget, parse_pattern
 from matfactor.sparsity import (
     SparsityPattern,
-    check_density,
-    cubic_schedule,
-    gradual_mask,
-    keep_count,
+    _cubic_schedule,
+    _gradual_mask,
+    _keep_count,
     magnitude_scores,
     wanda_scores,
 )
@@ -44,25 +43,24 @@ def test_pattern_must_be_a_string():
 
 @pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan"), float("inf")])
 def test_density_out_of_range(density):
-    with pytest.raises(ValueError, match="density must be in \\(0, 1\\]"):
-        check_density(density, parse_pattern("unstructured"))
+    with pytest.raises(ValueError, match="density must be a real number in \\(0, 1\\]"):
+        nnz_budget((8, 4), density, "unstructured")
 
 
 def test_density_type_and_nm_consistency():
     with pytest.raises(TypeError, match="density must be a real number"):
-        check_density("0.5", parse_pattern("per_output"))
-    with pytest.raises(ValueError, match="density is required"):
-        check_density(None, parse_pattern("unstructured"))
-    assert check_density(None, parse_pattern("2:4")) == 0.5
-    assert check_density(0.5, parse_pattern("2:4")) == 0.5
+        nnz_budget((8, 4), "0.5", "per_output")
+    with pytest.raises(TypeError, match="density is required"):
+        nnz_budget((8, 4), None, "unstructured")
+    assert nnz_budget((8, 4), None, "2:4") == nnz_budget((8, 4), 0.5, "2:4") == 16
     with pytest.raises(ValueError, match="contradicts pattern '2:4'"):
-        check_density(0.3, parse_pattern("2:4"))
+        nnz_budget((8, 4), 0.3, "2:4")
 
 
 def test_keep_count_is_robust_to_rounding():
-    assert keep_count(0.29, 100) == 29   # 0.29 * 100 = 28.999999999999996 in binary
-    assert keep_count(0.5, 7) == 3       # never above the budget
-    assert keep_count(1.0, 7) == 7
+    assert _keep_count(0.29, 100) == 29   # 0.29 * 100 = 28.999999999999996 in binary
+    assert _keep_count(0.5, 7) == 3       # never above the budget
+    assert _keep_count(1.0, 7) == 7
 
 
 def test_nnz_budget():
@@ -128,13 +126,13 @@ def test_gradual_mask_follows_the_cubic_schedule(backend, pattern, step, seed):
     d_in, d_out, density = 16, 6, 0.5 if ":" not in pattern else None
     scores = np.random.default_rng(seed).random((d_in, d_out))
     parsed = parse_pattern(pattern)
-    density_value = check_density(density, parsed)
-    fraction = cubic_schedule(step, 15)
-    mask = backend.to_numpy(gradual_mask(backend.xp, backend.asarray(scores), density_value,
+    density_value = parsed.n / parsed.m if parsed.kind == "n:m" else density
+    fraction = _cubic_schedule(step, 15)
+    mask = backend.to_numpy(_gradual_mask(backend.xp, backend.asarray(scores), density_value,
                                          parsed, fraction))
     final = nnz_budget((d_in, d_out), density, pattern)
     if pattern == "per_output":
-        per_column = keep_count(density_value, d_in)
+        per_column = _keep_count(density_value, d_in)
         assert np.all(mask.sum(axis=0) == d_in - math.floor(fraction * (d_in - per_column)))
     else:
         assert mask.sum() == d_in * d_out - math.floor(fraction * (d_in * d_out - final))
@@ -146,7 +144,7 @@ def test_gradual_mask_follows_the_cubic_schedule(backend, pattern, step, seed):
 
 
 def test_cubic_schedule_is_monotone_and_ends_at_one():
-    values = [cubic_schedule(t, 15) for t in range(1, 16)]
+    values = [_cubic_schedule(t, 15) for t in range(1, 16)]
     assert all(a < b for a, b in zip(values, values[1:]))
     assert values[-1] == 1.0 and values[0] > 0
 

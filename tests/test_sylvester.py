@@ -68,7 +68,7 @@ def test_one_decomposition_serves_many_rho_and_right_hand_sides(backend):
 
 def test_bad_input_is_named(backend):
     M, N = np.eye(3), np.eye(2)
-    with pytest.raises(ValueError, match="M must be square"):
+    with pytest.raises(ValueError, match="M must be a square"):
         SylvesterSolver(backend.asarray(np.ones((3, 2))), backend.asarray(N))
     with pytest.raises(ValueError, match="N must be symmetric"):
         SylvesterSolver(backend.asarray(M), backend.asarray(np.array([[1.0, 1.0], [0.0, 1.0]])))
@@ -77,7 +77,7 @@ def test_bad_input_is_named(backend):
     solver = SylvesterSolver(backend.asarray(M), backend.asarray(N))
     with pytest.raises(ValueError, match="C must have shape \\(3, 2\\)"):
         solver.solve(backend.asarray(np.ones((2, 3))), 1.0)
-    with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="rho must be a real number >= 0"):
         solver.solve(backend.asarray(np.ones((3, 2))), -1.0)
     singular = SylvesterSolver(backend.asarray(np.diag([1.0, 0.0, 2.0])), backend.asarray(N))
     with pytest.raises(ValueError, match="singular"):
