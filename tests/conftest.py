@@ -3,16 +3,27 @@
 ``backend`` runs a test on NumPy, array_api_strict (which proves the core uses only the array
 API standard) and PyTorch on the CPU, plus CuPy and PyTorch on CUDA when a GPU is present
 (skipped, with the reason, when not). ``dtype_name`` runs it in float32 and float64.
+
+Threads: the suite's problems are small, and on a small machine shared with other work the
+thread pools of the BLAS under NumPy and of PyTorch fight each other and the other processes
+for the cores (a 0.15 s test took 38 s under load). So the whole session runs them with
+``MATFACTOR_TEST_THREADS`` threads, 1 by default; commands the tests start inherit it
+through the usual environment variables.
 """
 
 from __future__ import annotations
 
 import os
 
-import hypothesis
-import pytest
+_THREADS = os.environ.get("MATFACTOR_TEST_THREADS", "1")
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_variable] = _THREADS
 
-from matfactor.testing import BACKEND_NAMES, BackendUnavailable, load_backend
+import hypothesis  # noqa: E402  (after the thread settings, which libraries read on import)
+import pytest  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from matfactor.testing import BACKEND_NAMES, BackendUnavailable, load_backend  # noqa: E402
 
 DTYPE_NAMES = ["float32", "float64"]
 
@@ -44,11 +55,17 @@ def xp(backend):
     return backend.xp
 
 
-@pytest.fixture(scope="module")
-def torch_one_thread():
-    """Small torch problems in one thread: more only contend with the rest of a loaded machine."""
-    torch = pytest.importorskip("torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="session", autouse=True)
+def limited_threads():
+    """BLAS and PyTorch thread pools of this process limited to ``MATFACTOR_TEST_THREADS``."""
+    threads = int(_THREADS)
+    with threadpool_limits(limits=threads):
+        try:
+            import torch
+        except ImportError:
+            yield
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        yield
+        torch.set_num_threads(previous)

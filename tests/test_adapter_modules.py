@@ -62,7 +62,6 @@ COMPRESSION = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @functools.cache

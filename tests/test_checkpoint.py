@@ -54,7 +54,6 @@ NM = "encoder.layer.0.attention.output.dense"
 PRUNED = "encoder.layer.0.attention.self.query"
 
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def solve(kind: str, W: torch.Tensor, H: torch.Tensor):

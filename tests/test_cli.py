@@ -19,7 +19,6 @@ WORDS = ("the a of to in is was for on that with as by it this be are from at or
          "python code call argument default number new set use".split())
 
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ from matfactor.adapters.modules import CompressedModule, SparseLinear
 transformers = pytest.importorskip("transformers")
 
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny_bert(seed: int = 0, layers: int = 2) -> nn.Module:

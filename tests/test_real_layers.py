@@ -19,11 +19,10 @@ N_TEXTS = 8        # one padded batch of about 500 real tokens
 LAYERS = [(2, "intermediate.dense", (384, 1536)), (2, "output.dense", (1536, 384))]
 
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
-def reference(torch_one_thread):
+def reference():
     """A separately loaded model, and each layer's inputs with every text run on its own."""
     model, tokenizer = load_text_model()
     names = [f"encoder.layer.{layer}.{name}" for layer, name, _ in LAYERS]

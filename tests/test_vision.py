@@ -49,7 +49,6 @@ CONVS = {"0.0": (9, 16), "1.0": (144, 32)}   # im2col shapes (C_in·kh·kw, C_ou
 HIDDEN = {"3": (32 * 4 * 4, 64)}
 
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def make_cnn() -> nn.Sequential:
@@ -76,7 +75,7 @@ def predictions(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def trained(torch_one_thread, digits):
+def trained(digits):
     """The dense CNN after training, in eval mode, and its test predictions (shared: copy it)."""
     X_train, y_train, X_test, y_test = digits
     torch.manual_seed(SEED)
