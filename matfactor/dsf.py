@@ -253,12 +253,19 @@ def _double_sparse(xp: Any, W: Any, H: Any | None, nnz_square: int, nnz_other: i
         scale, dead = unit_diagonal(xp, H)
         target = xp.where(dead[:, None], xp.zeros_like(W), W * scale[:, None])
 
+    k = min(d_in, d_out)
+    if not bool(xp.any(target != 0)):
+        # W vanishes (on the live inputs): A = B = 0 is exact, and the regressions below would
+        # have no live column to fit.
+        return (xp.zeros((d_in, k), dtype=W.dtype, device=array_api_compat.device(W)),
+                xp.zeros((k, d_out), dtype=W.dtype, device=array_api_compat.device(W)))
+
     # Work with T (k × m) ≈ S (k × k) @ other (k × m), k <= m: transpose a tall weight.
     transposed = d_in > d_out
     T = target.T if transposed else target
     S, other = _project(xp, T, nnz_square, nnz_other, outer_iters, inner_iters, mask_iters,
-                    float(damping), None if square_mask is None else
-                    (square_mask.T if transposed else square_mask))
+                        damping, None if square_mask is None else
+                        (square_mask.T if transposed else square_mask))
     A, B = (other.T, S.T) if transposed else (S, other)
 
     if H is not None:

@@ -72,6 +72,18 @@ def test_scale_of_H_does_not_change_the_answer():
                                atol=1e-8 * np.abs(base.dense()).max())
 
 
+@pytest.mark.parametrize("shape", [(16, 8), (8, 16)])
+def test_a_weight_that_vanishes_on_the_live_inputs_gives_zero_factors(backend, shape):
+    problem = realistic_layer(*shape, seed=7)
+    on_dead_inputs = np.zeros(shape)
+    on_dead_inputs[problem.dead, :] = 1.0  # reaches the output for no calibration sample
+    for W, H in ((np.zeros(shape), None), (on_dead_inputs, problem.H)):
+        result = double_sparse(backend.asarray(W), 0.5,
+                               None if H is None else backend.asarray(H), outer_iters=3)
+        assert not np.any(backend.to_numpy(result.dense()))
+        assert result.A.shape == (shape[0], min(shape)) and result.B.shape == (min(shape), shape[1])
+
+
 def test_split_rules():
     assert dsf_budget_split((96, 96), 0.5, "auto") == (921, 4608 - 921)
     assert dsf_budget_split((96, 192), 0.5, "auto", layerwise=True) == (1843, 9216 - 1843)
