@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _validation as check
 from ._array import add_to_diagonal
 
 __all__ = ["dead_inputs", "live_mean", "unit_diagonal", "diagonal_scaling", "damped_hessian",
@@ -85,6 +86,13 @@ def damped_hessian(xp: Any, H: Any, damping: float) -> tuple[Any, Any]:
     return add_to_diagonal(xp, H, fill + damping * mean), dead
 
 
-def input_norms(xp: Any, H: Any) -> Any:
-    """``‖X_i‖ = √H_ii`` per input (0 for dead inputs): the norms in Wanda's score."""
-    return xp.sqrt(xp.clip(xp.linalg.diagonal(H), 0, None))
+def input_norms(xp: Any, H: Any) -> tuple[Any, int]:
+    """Wanda's input norms ``‖X_i‖ = √H_ii`` (0 for dead inputs) as ``(norms, e)``.
+
+    The true norms are ``norms · 2**e``: the diagonal is scaled to unit magnitude by an even
+    power of two first (exact, and the square root of a power of two with it), so that the
+    norms cannot overflow or underflow whatever the scale of ``H``. A mask of scores built
+    from them does not depend on ``e``.
+    """
+    diagonal, exponent = check.normalised(xp, xp.linalg.diagonal(H), "H", even=True)
+    return xp.sqrt(xp.clip(diagonal, 0, None)), exponent // 2

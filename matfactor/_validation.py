@@ -198,12 +198,13 @@ def common_dtype(xp: Any, **arrays: Any) -> Any:
 def finite_max(xp: Any, x: Any, name: str) -> float:
     """``max |x|`` as a float (0 for an empty array), else a ``ValueError`` for NaN or Inf.
 
-    One reduction and one host read: the magnitude that the normalisation needs and the
-    finiteness check in one pass (the maximum of a NaN or an Inf is not finite).
+    The magnitude that the normalisation needs and the finiteness check at once (the maximum
+    of a NaN or an Inf is not finite), from the maximum and the minimum: two reductions that
+    allocate nothing (``abs`` would copy ``x``), and one host read.
     """
     if math.prod(x.shape) == 0:
         return 0.0
-    magnitude = float(xp.max(xp.abs(x)))
+    magnitude = float(xp.max(xp.stack([xp.max(x), -xp.min(x)])))
     if not math.isfinite(magnitude):
         raise ValueError(f"{name} contains NaN or Inf")
     return magnitude
@@ -528,7 +529,7 @@ def normalised(xp: Any, x: Any, name: str, *, even: bool = False) -> tuple[Any, 
 
 
 def layer_problem(W: Any, H: Any | None, *, needs_H: bool, require_live: bool,
-                  ) -> tuple[Any, Any, Any, Any | None, int]:
+                  scale: bool = True) -> tuple[Any, Any, Any, Any | None, int]:
     """The front door of a layer solver: ``W`` and the Gram matrix ``H`` validated and scaled.
 
     Returns ``(xp, device, W, H, w_exponent)``: ``W`` and ``H`` in their common compute dtype,
@@ -536,7 +537,9 @@ def layer_problem(W: Any, H: Any | None, *, needs_H: bool, require_live: bool,
     exactly homogeneous under that scaling, so a result multiplied back by ``2**w_exponent``
     (where it scales with ``W``) has the numbers an unscaled computation would give, and no
     intermediate overflows or underflows for any finite input. ``H`` may be ``None`` unless
-    ``needs_H``; ``require_live`` refuses an ``H`` whose inputs are all dead.
+    ``needs_H``; ``require_live`` refuses an ``H`` whose inputs are all dead. With
+    ``scale=False`` both are returned unscaled (``w_exponent = 0``), for a caller that scales
+    only what it computes with (the pruners: see ``matfactor.pruning``).
     """
     xp, device = namespace(W=W, H=H, optional=() if needs_H else ("H",))
     dtype = common_dtype(xp, W=W, H=H)
@@ -544,6 +547,9 @@ def layer_problem(W: Any, H: Any | None, *, needs_H: bool, require_live: bool,
     if H is not None:
         H = matrix(xp, H, "H", dtype)
         gram(xp, H, W.shape[0], require_live=require_live)
+    if not scale:
+        return xp, device, W, H, 0
+    if H is not None:
         H, _ = normalised(xp, H, "H", even=True)
     W, w_exponent = normalised(xp, W, "W")
     return xp, device, W, H, w_exponent

@@ -223,20 +223,22 @@ def admm_prune(W: Any, H: Any, *, density: float | None = None,
     iters, gradual_iters, damping, rho = _admm_prune_options(iters, gradual_iters, damping, rho)
     return_state = check.flag("return_state", return_state)
     xp = problem.xp
-    warm_start = _warm_start(xp, warm_start, problem.W, problem.w_exponent)
+    W_scaled, w_exponent = problem.scaled_W()
+    warm_start = _warm_start(xp, warm_start, W_scaled, w_exponent)
     if warm_start is not None and gradual_iters == 0 \
             and not mask_satisfies(warm_start.mask, problem.density, problem.pattern):
         raise ValueError(f"warm_start.mask does not meet pattern '{problem.pattern}' at density "
                          f"{problem.density:g} exactly, and gradual_iters=0 keeps it: pass the "
                          "state of a run with the same density and pattern")
 
-    factor = _admm_factor(xp, problem.H, damping, rho)
-    result = _admm_prune_with_factor(xp, problem.W, factor, problem.density, problem.pattern,
+    factor = _admm_factor(xp, problem.scaled_H(), damping, rho)
+    result = _admm_prune_with_factor(xp, W_scaled, factor, problem.density, problem.pattern,
                                      iters, gradual_iters, warm_start=warm_start,
                                      return_state=return_state)
     if not return_state:
-        return problem.restore(result)
-    return AdmmState(problem.restore(result.Z), problem.restore(result.U), result.mask,
+        return check.times_power_of_two(xp, result, w_exponent)
+    return AdmmState(check.times_power_of_two(xp, result.Z, w_exponent),
+                     check.times_power_of_two(xp, result.U, w_exponent), result.mask,
                      result.iterations, result.converged)
 
 
@@ -340,11 +342,12 @@ def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 
     tol = check.real("tol", tol, minimum=0.0, low_open=True)
     adaptive_rho = check.flag("adaptive_rho", adaptive_rho)
     return_state = check.flag("return_state", return_state)
-    warm_start = _warm_start(xp, warm_start, problem.W, problem.w_exponent)
+    W_scaled, w_exponent = problem.scaled_W()
+    warm_start = _warm_start(xp, warm_start, W_scaled, w_exponent)
 
-    factor = _admm_factor(xp, problem.H, damping, rho)
+    factor = _admm_factor(xp, problem.scaled_H(), damping, rho)
     H_n, H_rho_inv = factor.H, factor.H_rho_inv
-    W_n = _from_user(xp, factor, problem.W)
+    W_n = _from_user(xp, factor, W_scaled)
     target = H_n @ W_n
     zeros = xp.zeros_like(W_n)
     if warm_start is None:
@@ -383,7 +386,8 @@ def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 
                       f"(primal residual {primal / scale:.2e}, dual {dual / scale:.2e}, relative); "
                       "a rank-deficient H with damping=0 converges slowly: set damping > 0 or "
                       "raise max_iters", ConvergenceWarning, stacklevel=2)
-    Z_user = problem.restore(_to_user(xp, factor, Z))
+    Z_user = check.times_power_of_two(xp, _to_user(xp, factor, Z), w_exponent)
     if not return_state:
         return Z_user
-    return AdmmState(Z_user, problem.restore(_to_user(xp, factor, U)), mask, iterations, converged)
+    return AdmmState(Z_user, check.times_power_of_two(xp, _to_user(xp, factor, U), w_exponent),
+                     mask, iterations, converged)

@@ -33,11 +33,13 @@ class Pruner(Protocol):
 
 @dataclass(frozen=True)
 class _PruningProblem:
-    """Validated inputs of a pruner, in the compute dtype and scaled to unit magnitude.
+    """Validated inputs of a pruner, in the compute dtype.
 
-    ``W`` and ``H`` are the user's divided by ``2**w_exponent`` and ``2**h_exponent`` (exact;
-    ``h_exponent`` even): every pruner is homogeneous under that scaling, so it computes on
-    numbers of order 1 whatever the input's scale, and :meth:`restore` scales its result back.
+    Every pruner is independent of the scale of ``H`` and scales its result with ``W``, and
+    exactly so under powers of two. So each computes on the parts it needs scaled to unit
+    magnitude by powers of two (:meth:`scaled_W`, :meth:`scaled_H`, ``input_norms``):
+    numbers of order 1 whatever the input's scale, the same result as an unscaled
+    computation that does not overflow.
     """
 
     xp: Any
@@ -46,23 +48,31 @@ class _PruningProblem:
     H: Any | None
     density: float
     pattern: SparsityPattern
-    w_exponent: int
 
-    def restore(self, W_pruned: Any) -> Any:
-        """A pruned weight of the scaled problem in the user's scale."""
-        return check.times_power_of_two(self.xp, W_pruned, self.w_exponent)
+    def scaled_W(self) -> tuple[Any, int]:
+        """``(W · 2**-e, e)`` with ``2**e`` near ``max |W|``."""
+        return check.normalised(self.xp, self.W, "W")
+
+    def scaled_H(self) -> Any:
+        """``H`` divided by an even power of two near its magnitude."""
+        return check.normalised(self.xp, self.H, "H", even=True)[0]
+
+    def keep(self, mask: Any) -> Any:
+        """``W`` on ``mask``, zero elsewhere."""
+        return self.xp.where(mask, self.W, self.xp.zeros_like(self.W))
 
 
 def _prepare_pruning_problem(W: Any, H: Any | None, density: float | None,
                              pattern: str | SparsityPattern, *, needs_H: bool) -> _PruningProblem:
     """Validate the shared pruner arguments (shapes, dtypes, finiteness, pattern, budget)."""
-    xp, device, W, H, w_exponent = check.layer_problem(W, H, needs_H=needs_H, require_live=needs_H)
+    xp, device, W, H, _ = check.layer_problem(W, H, needs_H=needs_H, require_live=needs_H,
+                                              scale=False)
     pattern = parse_pattern(pattern)
     density = check.density(density, pattern)
     if nnz_budget(tuple(W.shape), density, pattern) == 0:
         raise ValueError(f"density={density} keeps no entry of a {tuple(W.shape)} weight under "
                          f"pattern '{pattern}'; increase density")
-    return _PruningProblem(xp, device, W, H, density, pattern, w_exponent)
+    return _PruningProblem(xp, device, W, H, density, pattern)
 
 
 def magnitude_prune(W: Any, H: Any | None = None, *, density: float | None = None,
@@ -72,9 +82,8 @@ def magnitude_prune(W: Any, H: Any | None = None, *, density: float | None = Non
     ``H`` is accepted for the shared signature and validated, but not used.
     """
     problem = _prepare_pruning_problem(W, H, density, pattern, needs_H=False)
-    xp, W = problem.xp, problem.W
-    kept = _mask(xp, xp.abs(W), problem.density, problem.pattern)
-    return problem.restore(xp.where(kept, W, xp.zeros_like(W)))
+    xp = problem.xp
+    return problem.keep(_mask(xp, xp.abs(problem.W), problem.density, problem.pattern))
 
 
 def wanda_prune(W: Any, H: Any, *, density: float | None = None,
@@ -85,9 +94,10 @@ def wanda_prune(W: Any, H: Any, *, density: float | None = None,
     is updated. Wanda's own setting is ``pattern="per_output"``; every pattern is accepted.
     """
     problem = _prepare_pruning_problem(W, H, density, pattern, needs_H=True)
-    xp, W, H = problem.xp, problem.W, problem.H
-    kept = _mask(xp, _wanda_scores(xp, W, input_norms(xp, H)), problem.density, problem.pattern)
-    return problem.restore(xp.where(kept, W, xp.zeros_like(W)))
+    xp = problem.xp
+    # Scores of W at unit magnitude: the same order as the user's, and no overflow.
+    scores = _wanda_scores(xp, problem.scaled_W()[0], input_norms(xp, problem.H)[0])
+    return problem.keep(_mask(xp, scores, problem.density, problem.pattern))
 
 
 
@@ -127,9 +137,11 @@ def sparsegpt_prune(W: Any, H: Any, *, density: float | None = None,
     """
     problem = _prepare_pruning_problem(W, H, density, pattern, needs_H=True)
     damping, block_size = _sparsegpt_options(damping, block_size)
-    factor = _sparsegpt_factor(problem.xp, problem.H, damping)
-    return problem.restore(_sparsegpt_with_factor(problem.xp, problem.W, factor, problem.density,
-                                                  problem.pattern, block_size))
+    factor = _sparsegpt_factor(problem.xp, problem.scaled_H(), damping)
+    W_scaled, w_exponent = problem.scaled_W()
+    W_pruned = _sparsegpt_with_factor(problem.xp, W_scaled, factor, problem.density,
+                                      problem.pattern, block_size)
+    return check.times_power_of_two(problem.xp, W_pruned, w_exponent)
 
 
 def _sparsegpt_options(damping: Any, block_size: Any) -> tuple[float, int]:

@@ -301,7 +301,7 @@ def _sparse_step(xp: Any, pruner: str | Callable[..., Any], H_method: Any, densi
         return lambda target: xp.where(_mask(xp, xp.abs(target), density, pattern), target,
                                        xp.zeros_like(target))
     if pruner == "wanda":
-        norms = input_norms(xp, H_method)
+        norms, _ = input_norms(xp, H_method)
         return lambda target: xp.where(_mask(xp, _wanda_scores(xp, target, norms), density,
                                              pattern), target, xp.zeros_like(target))
     if pruner == "sparsegpt":

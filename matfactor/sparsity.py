@@ -250,13 +250,12 @@ def wanda_scores(W: Any, H: Any) -> Any:
     H = check.matrix(xp, H, "H", dtype)
     check.gram(xp, H, W.shape[0])
     W_n, w_exponent = check.normalised(xp, W, "W")
-    H_n, h_exponent = check.normalised(xp, H, "H", even=True)
-    scores = _wanda_scores(xp, W_n, input_norms(xp, H_n))
-    return check.times_power_of_two(xp, scores, w_exponent + h_exponent // 2)
+    norms, norm_exponent = input_norms(xp, H)
+    return check.times_power_of_two(xp, _wanda_scores(xp, W_n, norms), w_exponent + norm_exponent)
 
 
 def _wanda_scores(xp: Any, W: Any, norms: Any) -> Any:
-    """``|W_ij| · norms_i`` on validated arrays (``norms`` from :func:`matfactor._hessian.input_norms`)."""
+    """``|W_ij| · norms_i`` on validated arrays (``norms`` of :func:`matfactor._hessian.input_norms`)."""
     return xp.abs(W) * norms[:, None]
 
 
