@@ -485,7 +485,8 @@ def density(value: Any, parsed_pattern: Any) -> float:
         raise ValueError(f"density={value!r} contradicts pattern '{parsed_pattern}', which keeps "
                          f"{parsed_pattern.n}/{parsed_pattern.m} = {implied:g}; leave density as None")
     if value is None:
-        raise ArgumentTypeError(f"density is required for pattern '{parsed_pattern}': a real number in (0, 1]")
+        raise ArgumentTypeError(f"density is required for pattern '{parsed_pattern}': a real number "
+                                "in (0, 1]")
     return real("density", value, minimum=0.0, maximum=1.0, low_open=True)
 
 

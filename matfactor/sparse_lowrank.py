@@ -456,9 +456,12 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
         The (P1) step: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"``, ``"admm"``, or any callable
         with the :class:`~matfactor.pruning.Pruner` signature, called as
         ``pruner(W̃, H_used, density=, pattern=, **pruner_options)`` (it pays its own setup at
-        each call; its result is checked against the pattern). Default: the paper's choice for
-        the Hessian, ``"sparsegpt"`` for full, ``"wanda"`` for diagonal (exact for (P1) with a
-        diagonal ``H``), ``"magnitude"`` for identity (exact for ``H = I``). A pruner receives
+        each call; its result is checked against the pattern). Like every pruner it must
+        scale its result with ``W̃`` and ignore the scale of ``H``: it is called on the
+        problem scaled to unit magnitude by powers of two (section "Scale" of the guide).
+        Default: the paper's choice for the Hessian, ``"sparsegpt"`` for full, ``"wanda"`` for
+        diagonal (exact for (P1) with a diagonal ``H``), ``"magnitude"`` for identity (exact
+        for ``H = I``). A pruner receives
         the Hessian of the variant: ``H``, ``diag(H)`` as a matrix, or the identity.
     lowrank
         The (P2) step: ``"gd"`` (Low-Rank-GD, Algorithm 1) or ``"exact"`` (the closed-form
@@ -486,9 +489,10 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
     init
         Start. ``None``: ``S = 0, M = 0`` (Algorithm 2), with Low-Rank-GD's first call started
         from the diagonal-Hessian minimiser ``D⁻¹ C_r(D (W − S₁))`` (Theorem 4.1, by
-        :func:`~matfactor.svd.randomized_svd`) rather than the paper's random factors; ``"random"``: the paper's ``U = 0``, ``V`` standard normal
-        (drawn with ``rng``); a :class:`SparsePlusLowRank` or :class:`~matfactor.svd.LowRank`
-        (``S = 0``) to continue from, e.g. a previous result: it is iterate 0.
+        :func:`~matfactor.svd.randomized_svd`) rather than the paper's random factors;
+        ``"random"``: the paper's ``U = 0``, ``V`` standard normal (drawn with ``rng``); a
+        :class:`SparsePlusLowRank` or :class:`~matfactor.svd.LowRank` (``S = 0``) to continue
+        from, e.g. a previous result: it is iterate 0.
     pruner_options
         Keyword options of the pruner: ``damping`` and ``block_size`` for SparseGPT (defaults
         0.01 and 128), ``iters``, ``gradual_iters``, ``damping`` and ``rho`` for ADMM; for a
