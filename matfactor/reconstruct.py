@@ -117,7 +117,7 @@ class ReconstructionStatistics:
         self._H: Any = None             # the three sums divided by 2**_exponent
         self._error_cross: Any = None
         self._error_gram: Any = None
-        self._exponent = 0
+        self._exponent: int | None = None  # set by the first batch that is not all zeros
 
     @property
     def d_in(self) -> int | None:
@@ -142,7 +142,12 @@ class ReconstructionStatistics:
 
     def _true(self, stored: Any) -> Any:
         return check.times_power_of_two(array_api_compat.array_namespace(stored), stored,
-                                        self._exponent)
+                                        self._stored_exponent)
+
+    @property
+    def _stored_exponent(self) -> int:
+        """``e`` of the stored sums ``S · 2**e`` (0 while every batch was all zeros)."""
+        return 0 if self._exponent is None else self._exponent
 
     def _require(self, name: str, value: Any) -> Any:
         if value is None:
@@ -195,6 +200,10 @@ class ReconstructionStatistics:
             self._error_cross = xp.zeros_like(self._H)
             if self.track_error_gram:
                 self._error_gram = xp.zeros_like(self._H)
+        if magnitude == 0.0:  # adds nothing; its exponent must not set the sums' scale
+            self.n_samples += int(X_o.shape[0])
+            return self
+        if self._exponent is None:
             self._exponent = batch_exponent
         exponent = max(self._exponent, batch_exponent)
         if exponent != self._exponent:
@@ -246,7 +255,7 @@ class ReconstructionStatistics:
         """
         mix = _mix(mix)
         xp, W, H, w_exponent = self._scaled(W)
-        return check.times_power_of_two(xp, self._target(xp, W, H, mix), w_exponent + self._exponent)
+        return check.times_power_of_two(xp, self._target(xp, W, H, mix), w_exponent + self._stored_exponent)
 
     def target_weight(self, W: Any, mix: float = 0.25, alpha: float = 1e-3) -> Any:
         """The weight ``T`` that any compression method should approximate under ``H``.

@@ -273,3 +273,29 @@ def test_non_finite_batches_are_named():
         ReconstructionStatistics().update(np.ones((4, 3)), X)
     with pytest.raises(ValueError, match="X_dense contains NaN or Inf"):
         ReconstructionStatistics().update(X)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_statistics_of_any_magnitude_accumulate_exactly(dtype_name):
+    # Activations at 2**-100 or 2**80 (after an all-zero batch) in float32: H itself is
+    # beyond the dtype's range, but the sums are kept as S * 2**e, so MPIFA gets exactly the
+    # factors of the unscaled statistics; where H is representable, it is exact.
+    problem = realistic_layer(16, 12, seed=5)
+    X = problem.X.astype(dtype_name)
+    X_compressed = (problem.X * 1.01).astype(dtype_name)
+    W = problem.W.astype(dtype_name)
+    reference = ReconstructionStatistics().update(X[:20], X_compressed[:20]) \
+        .update(X[20:], X_compressed[20:])
+    expected = mpifa_lowrank(W, reference, 3)
+    for exponent in (-100, -20, 80):
+        scale = 2.0 ** exponent
+        statistics = ReconstructionStatistics()
+        statistics.update(np.zeros((5, 16), dtype=dtype_name))
+        statistics.update(X[:20] * scale, X_compressed[:20] * scale)
+        statistics.update(X[20:] * scale, X_compressed[20:] * scale)
+        assert statistics.n_samples == X.shape[0] + 5
+        result = mpifa_lowrank(W, statistics, 3)
+        np.testing.assert_array_equal(result.U, expected.U)
+        np.testing.assert_array_equal(result.V, expected.V)
+        if exponent == -20:
+            np.testing.assert_array_equal(statistics.H, reference.H * scale * scale)
