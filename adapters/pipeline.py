@@ -39,6 +39,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from matfactor import _validation as check
+
 from .calibration import CalibrationHooks, LayersObserved
 from .layers import is_compressible, weight_matrix
 from .methods import METHODS, LayerSolution, solve_layer
@@ -399,10 +401,12 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
     batches = list(calibration)
     if not batches:
         raise ValueError("calibration is empty: give at least one batch")
-    if granularity not in ("layer", "block"):
-        raise ValueError(f"granularity must be 'layer' or 'block', got {granularity!r}")
-    if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0 <= mix <= 1:
-        raise ValueError(f"mix must be a number in [0, 1], got {mix!r}")
+    granularity = check.choice("granularity", granularity, ("layer", "block"))
+    mix = check.real("mix", mix, minimum=0.0, maximum=1.0)
+    progress = check.flag("progress", progress)
+    sequential = check.flag("sequential", sequential)
+    offload = check.flag("offload", offload)
+    seed = check.integer("seed", seed, minimum=0)
     start = time.perf_counter()
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home

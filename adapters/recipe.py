@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
-import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from matfactor import _validation as check
+from matfactor import parse_pattern
 
 from .methods import METHODS
 
@@ -97,24 +98,19 @@ class Rule:
     arguments: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        # The core's front door: the same accepted values and messages as every solver.
+        check.choice("method", self.method, sorted(METHODS))
         spec = METHODS[self.method]
         if self.targets is not None:
             object.__setattr__(self, "targets", _check_patterns(self.targets, "targets"))
         if self.density is not None:
-            if isinstance(self.density, bool) or not isinstance(self.density, numbers.Real) \
-                    or not math.isfinite(self.density) or not 0 < self.density <= 1:
-                raise ValueError(f"density must be a number in (0, 1], got {self.density!r}")
-            object.__setattr__(self, "density", float(self.density))
+            object.__setattr__(self, "density", check.real("density", self.density, minimum=0.0,
+                                                           maximum=1.0, low_open=True))
         if self.rank is not None:
-            if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank < 1:
-                raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-            object.__setattr__(self, "rank", int(self.rank))
+            object.__setattr__(self, "rank", check.integer("rank", self.rank, minimum=1))
         if not isinstance(self.pattern, str):
-            raise ValueError(f"pattern must be a string such as 'unstructured', 'per_output' or "
-                             f"'2:4', got {self.pattern!r}")
-        from matfactor import parse_pattern
+            raise check.ArgumentTypeError(f"pattern must be a string such as 'unstructured', "
+                                          f"'per_output' or '2:4', got {self.pattern!r}")
         pattern = str(parse_pattern(self.pattern))
         object.__setattr__(self, "pattern", pattern)
         if not isinstance(self.arguments, dict) or not all(isinstance(k, str) for k in self.arguments):
