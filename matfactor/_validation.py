@@ -76,6 +76,7 @@ __all__ = [
     "times_power_of_two",
     "normalised",
     "layer_problem",
+    "finite_result",
 ]
 
 
@@ -316,18 +317,19 @@ def symmetric(xp: Any, A: Any, name: str, what: str = "symmetric") -> None:
                          f"= {asymmetry / 2:.3g}")
 
 
-def gram(xp: Any, H: Any, d_in: int, name: str = "H", *, require_live: bool = False) -> None:
+def gram(xp: Any, H: Any, d_in: int, name: str = "H", *, require_live: bool = False,
+         rows_of: str = "W") -> None:
     """Validate a Gram matrix ``H = XᵀX`` of shape ``(d_in, d_in)``.
 
     Checks shape, symmetry (to a tolerance relative to the largest entry and the dtype) and a
     non-negative diagonal. A singular ``H`` (dead inputs, fewer samples than inputs) is valid;
     with ``require_live``, an all-zero diagonal (every input dead: nothing to reconstruct) is
-    not.
+    not. ``rows_of`` names the argument whose rows fix ``d_in``, for the message.
     """
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"{name} must be a square (d_in, d_in) matrix, got shape {tuple(H.shape)}")
     if H.shape[0] != d_in:
-        raise ValueError(f"{name} has shape {tuple(H.shape)} but W has d_in = {d_in} rows; "
+        raise ValueError(f"{name} has shape {tuple(H.shape)} but {rows_of} has d_in = {d_in} rows; "
                          f"{name} must be ({d_in}, {d_in})")
     symmetric(xp, H, name, "a Gram matrix XᵀX")
     if float(xp.min(xp.linalg.diagonal(H))) < 0:
@@ -434,10 +436,14 @@ def rank(value: Any, shape: tuple[int, int], *, what: str = "") -> int:
 def shape(value: Any, name: str = "shape") -> tuple[int, int]:
     """``value`` as a pair of positive integers ``(d_in, d_out)``."""
     expected = f"{name} must be a pair of positive integers (d_in, d_out)"
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+    try:
+        pair = None if isinstance(value, (str, bytes)) else tuple(value)
+    except TypeError:  # not iterable (a number, a 0-d array)
+        pair = None
+    if pair is None or len(pair) != 2:
         raise ValueError(f"{expected}, got {value!r}")
     dims = []
-    for d in value:
+    for d in pair:
         if isinstance(d, (bool, np.bool_)):
             raise ValueError(f"{expected}, got {value!r}")
         try:
@@ -554,3 +560,12 @@ def layer_problem(W: Any, H: Any | None, *, needs_H: bool, require_live: bool,
         H, _ = normalised(xp, H, "H", even=True)
     W, w_exponent = normalised(xp, W, "W")
     return xp, device, W, H, w_exponent
+
+
+def finite_result(xp: Any, x: Any, advice: str) -> Any:
+    """``x`` if it is finite, else a ``ValueError`` with ``advice``: a last guard for iterative
+    solvers whose parameters can make a valid problem numerically singular (a tiny ``rho`` on
+    a singular ``H``), so that no NaN is ever returned silently."""
+    if not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(f"the iteration diverged to NaN or Inf: {advice}")
+    return x

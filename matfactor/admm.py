@@ -235,6 +235,9 @@ def admm_prune(W: Any, H: Any, *, density: float | None = None,
     result = _admm_prune_with_factor(xp, W_scaled, factor, problem.density, problem.pattern,
                                      iters, gradual_iters, warm_start=warm_start,
                                      return_state=return_state)
+    check.finite_result(xp, result.Z if return_state else result,
+                        f"rho={rho:g} or damping={damping:g} is too small for this H (singular on "
+                        "the live inputs); increase damping")
     if not return_state:
         return check.times_power_of_two(xp, result, w_exponent)
     return AdmmState(check.times_power_of_two(xp, result.Z, w_exponent),
@@ -386,6 +389,8 @@ def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 
                       f"(primal residual {primal / scale:.2e}, dual {dual / scale:.2e}, relative); "
                       "a rank-deficient H with damping=0 converges slowly: set damping > 0 or "
                       "raise max_iters", ConvergenceWarning, stacklevel=2)
+    check.finite_result(xp, Z, f"rho={rho:g} or damping={damping:g} is too small for this H "
+                               "(singular on the live inputs); increase damping")
     Z_user = check.times_power_of_two(xp, _to_user(xp, factor, Z), w_exponent)
     if not return_state:
         return Z_user

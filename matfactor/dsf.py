@@ -263,9 +263,13 @@ def _double_sparse(xp: Any, W: Any, H: Any | None, nnz_square: int, nnz_other: i
     # Work with T (k × m) ≈ S (k × k) @ other (k × m), k <= m: transpose a tall weight.
     transposed = d_in > d_out
     T = target.T if transposed else target
-    S, other = _project(xp, T, nnz_square, nnz_other, outer_iters, inner_iters, mask_iters,
-                        damping, None if square_mask is None else
-                        (square_mask.T if transposed else square_mask))
+    try:
+        S, other = _project(xp, T, nnz_square, nnz_other, outer_iters, inner_iters, mask_iters,
+                            damping, None if square_mask is None else
+                            (square_mask.T if transposed else square_mask))
+    except ValueError as exc:  # a Cholesky factorization of a factor's Gram matrix failed
+        raise ValueError(f"a factor's regression is singular at damping={damping:g} (the ridge "
+                         f"that keeps it definite); increase damping ({exc})") from exc
     A, B = (other.T, S.T) if transposed else (S, other)
 
     if H is not None:

@@ -116,7 +116,7 @@ def _init_factors(xp: Any, init: Any, W: Any, rank: int, w_exponent: int) -> Any
     """``init`` validated: ``None``, ``"svd"``, ``"random"``, or a :class:`LowRank` of ``W``'s
     shape and ``rank`` from ``W``'s library, returned with ``U`` in the scale of the validated
     ``W`` (divided by ``2**w_exponent``) and both factors in its dtype."""
-    if init is None or init in ("svd", "random"):
+    if init is None or (isinstance(init, str) and init in ("svd", "random")):
         return init
     if isinstance(init, str):
         raise ValueError(f"init must be None, 'svd', 'random' or a LowRank, got {init!r}")

@@ -109,8 +109,9 @@ class ReconstructionStatistics:
     """
 
     def __init__(self, *, dtype: str | None = None, track_error_gram: bool = False) -> None:
-        if dtype is not None and dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be None, 'float32' or 'float64', got {dtype!r}")
+        if dtype is not None and (not isinstance(dtype, str) or dtype not in ("float32", "float64")):
+            error = ValueError if isinstance(dtype, str) else check.ArgumentTypeError
+            raise error(f"dtype must be None, 'float32' or 'float64', got {dtype!r}")
         self._dtype_name = dtype
         self.track_error_gram = check.flag("track_error_gram", track_error_gram)
         self.n_samples = 0
@@ -407,7 +408,8 @@ def _update_V(xp: Any, U: Any, reg: _Regularised) -> Any:
 def _update_U(xp: Any, V: Any, reg: _Regularised) -> Any:
     # U = (H + aI)⁻¹ (G + aW) V (VᵀV)⁻¹, eqs. (8)–(9) transposed; never an explicit inverse.
     left = reg.solve_H(reg.G @ V)
-    L = _factor(xp, V.T @ V, "VᵀV is singular: V has dependent columns")
+    L = _factor(xp, V.T @ V, "VᵀV is singular: V has dependent columns (the rank exceeds the "
+                "rank of the weight or of the statistics: pass a lower rank)")
     return _cholesky_solve(xp, L, left.T).T
 
 
@@ -426,7 +428,7 @@ def _prepare_update(factor: Any, H: Any, G: Any, W: Any | None, factor_name: str
     factor = check.matrix(xp, factor, factor_name, dtype)
     H = check.matrix(xp, H, "H", dtype)
     G = check.matrix(xp, G, "G", dtype)
-    check.gram(xp, H, G.shape[0])
+    check.gram(xp, H, G.shape[0], rows_of="G")
     if W is not None:
         W = check.matrix(xp, W, "W", dtype, shape=tuple(G.shape))
     expected = G.shape[side]

@@ -162,3 +162,42 @@ def test_matrix_converts_np_matrix_and_detaches_torch():
     weight = torch.nn.Linear(3, 2).weight.T
     assert weight.requires_grad
     assert not check.matrix(torch, weight, "W", torch.float32).requires_grad
+
+
+# Found by feeding random odd values to every public function: each must be a clear error.
+
+def _problem():
+    from matfactor.testing import realistic_layer
+
+    return realistic_layer(16, 12, seed=0)
+
+
+def test_odd_values_found_by_fuzzing_get_errors_naming_the_argument():
+    import matfactor as mf
+
+    problem = _problem()
+    W, H = problem.W, problem.H
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="init must be None, 'svd', 'random' or a LowRank"):
+        mf.lowrank_gd(W, H, 3, init=np.ones(3))
+    with pytest.raises(TypeError, match="dtype must be None, 'float32' or 'float64'"):
+        mf.ReconstructionStatistics(dtype=np.ones(2))
+    with pytest.raises(ValueError, match="shape must be a pair of positive integers"):
+        mf.lowrank_rank_for_density(torch.tensor(0.5), 0.5)
+    with pytest.raises(ValueError, match="but G has d_in = 12 rows"):
+        mf.update_U(mf.truncated_svd(W, 3).V, H, np.ones((12, 12)))
+
+
+def test_parameters_that_make_a_valid_problem_singular_are_errors_not_nan():
+    import matfactor as mf
+
+    problem = _problem()
+    W, H = problem.W, problem.H  # H has dead inputs: singular without damping
+    with pytest.raises(ValueError, match="rho=.* or damping=0 is too small"):
+        mf.admm_solve(W, H, np.abs(W) > 0.1, rho=5e-324, max_iters=10)
+    with pytest.raises(ValueError, match="singular at damping=.*increase damping"):
+        mf.double_sparse(W, 0.5, H, damping=5e-324, outer_iters=2)
+    rank_one = np.outer(np.arange(1.0, 17.0), np.ones(12))
+    statistics = mf.ReconstructionStatistics().update(problem.X)
+    with pytest.raises(ValueError, match="pass a lower rank"):
+        mf.mpifa_lowrank(rank_one, statistics, 3, alpha=1e-3)
