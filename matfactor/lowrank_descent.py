@@ -39,7 +39,7 @@ from array_api_compat import is_cupy_namespace, is_torch_namespace
 from . import _validation as check
 from ._array import random_normal
 from ._hessian import diagonal_scaling
-from .svd import LowRank, _prepare_W
+from .svd import LowRank
 
 __all__ = ["lowrank_gd", "hassle_free_learning_rate"]
 
@@ -196,7 +196,7 @@ def lowrank_gd(W: Any, H: Any, rank: int, *, iters: int = 200, lr: float = 1e-2,
     accurate to about ``eps · tr(Wᵀ H W)``. If ``tr(Wᵀ H W) = 0`` the zero matrix (exact) is
     returned.
     """
-    xp, device, W, H, w_exponent = _prepare_W(W, H, needs_H=True)
+    xp, device, W, H, w_exponent = check.layer_problem(W, H, needs_H=True, require_live=True)
     rank = check.rank(rank, tuple(W.shape))
     iters = check.integer("iters", iters, minimum=0)
     check_every = check.integer("check_every", check_every, minimum=1)

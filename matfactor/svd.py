@@ -111,16 +111,6 @@ class LowRank:
         return layer_error(W, self.dense(), H)
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _prepare_W(W: Any, H: Any | None = None, *, needs_H: bool = False,
-               ) -> tuple[Any, Any, Any, Any, int]:
-    """Validate ``W`` (and ``H``); return ``(xp, device, W, H, w_exponent)``, scaled
-    (:func:`matfactor._validation.layer_problem`)."""
-    return check.layer_problem(W, H, needs_H=needs_H, require_live=True)
-
-
 # --------------------------------------------------------------------------- shared helpers
 
 
@@ -167,7 +157,7 @@ def truncated_svd(W: Any, rank: int) -> LowRank:
     Costs a full SVD of ``W`` (``O(d_in d_out min(d_in, d_out))``) whatever the rank;
     :func:`randomized_svd` is much cheaper for ``r << min(d_in, d_out)``.
     """
-    xp, _, W, _, w_exponent = _prepare_W(W)
+    xp, _, W, _, w_exponent = check.layer_problem(W, None, needs_H=False, require_live=True)
     rank = check.rank(rank, tuple(W.shape))
     U, V = _truncated_svd(xp, W, rank)
     return LowRank(check.times_power_of_two(xp, U, w_exponent), V)
@@ -229,7 +219,7 @@ def randomized_svd(W: Any, rank: int, *, oversampling: int = 10, power_iters: in
         As :func:`truncated_svd`: ``U`` carries the singular values, ``V`` orthonormal, same
         sign rule. Exact (to rounding) when ``rank(W) <= rank``.
     """
-    xp, device, W, _, w_exponent = _prepare_W(W)
+    xp, device, W, _, w_exponent = check.layer_problem(W, None, needs_H=False, require_live=True)
     rank = check.rank(rank, tuple(W.shape))
     oversampling = check.integer("oversampling", oversampling, minimum=0)
     if power_iters is None:
@@ -309,7 +299,7 @@ def weighted_lowrank(W: Any, H: Any, rank: int, *, damping: float = 0.0) -> LowR
     Cost: one eigendecomposition of ``H`` (``d_in³``), the SVD of the ``(d_in, d_out)``
     whitened weight and three GEMMs; the same order as :func:`truncated_svd` plus the ``eigh``.
     """
-    xp, _, W, H, w_exponent = _prepare_W(W, H, needs_H=True)
+    xp, _, W, H, w_exponent = check.layer_problem(W, H, needs_H=True, require_live=True)
     rank = check.rank(rank, tuple(W.shape))
     damping = check.damping(damping)
     U, V = _weighted_lowrank(xp, W, H, rank, damping)
