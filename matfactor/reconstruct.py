@@ -59,6 +59,7 @@ section 5.3); which is better on held-out data is an open question here.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import array_api_compat
@@ -140,6 +141,19 @@ class ReconstructionStatistics:
         """``(X_o − X_u)ᵀ (X_o − X_u)``, or ``None`` if not tracked."""
         self._require("error_gram", self._H)
         return None if self._error_gram is None else self._true(self._error_gram)
+
+    def to_device(self, device: Any) -> ReconstructionStatistics:
+        """A copy of these statistics with the sums on ``device`` (a device of their library).
+
+        For shipping the statistics of a layer to where it is solved, e.g. from a GPU to a
+        worker process on the CPU (``array_api_compat.to_device``).
+        """
+        moved = copy.copy(self)
+        for attribute in ("_H", "_error_cross", "_error_gram"):
+            value = getattr(self, attribute)
+            if value is not None:
+                setattr(moved, attribute, array_api_compat.to_device(value, device))
+        return moved
 
     def _true(self, stored: Any) -> Any:
         return check.times_power_of_two(array_api_compat.array_namespace(stored), stored,

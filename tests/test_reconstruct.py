@@ -83,6 +83,19 @@ def test_batches_may_have_leading_dimensions_and_one_stream():
     assert np.all(flat.error_cross == 0) and flat.n_samples == 60
 
 
+def test_to_device_copies_the_sums_and_leaves_the_original(backend):
+    _, X_o, X_u = two_streams(12, 4, 40, 0.3, seed=3)
+    statistics = accumulate(backend, X_o, X_u, "float64", 40, track_error_gram=True)
+    moved = statistics.to_device(backend.device)
+    assert moved is not statistics and moved.n_samples == statistics.n_samples == 40
+    for name in ("H", "error_cross", "error_gram"):
+        assert backend.same_device(getattr(moved, name))
+        np.testing.assert_array_equal(backend.to_numpy(getattr(moved, name)),
+                                      backend.to_numpy(getattr(statistics, name)))
+    moved.update(backend.asarray(X_o, "float64"), backend.asarray(X_u, "float64"))
+    assert moved.n_samples == 80 and statistics.n_samples == 40
+
+
 def test_accumulation_dtype():
     torch = pytest.importorskip("torch")
     X = torch.ones(4, 3, dtype=torch.float16)
