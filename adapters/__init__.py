@@ -4,14 +4,19 @@ They map torch models onto the matrix problems of the core and back: which layer
 problem and how their weight is read (:mod:`~matfactor.adapters.layers`), calibration hooks
 that accumulate ``H = XᵀX`` (:mod:`~matfactor.adapters.calibration`), recipes
 (:mod:`~matfactor.adapters.recipe`) and methods (:mod:`~matfactor.adapters.methods`), the
-sequential pipeline (:mod:`~matfactor.adapters.pipeline`), the compressed modules
+sequential pipeline (:mod:`~matfactor.adapters.pipeline`), where its layer solves run
+(:mod:`~matfactor.adapters.executors`), how an interrupted run resumes
+(:mod:`~matfactor.adapters.journal`) and what memory its solves need
+(:mod:`~matfactor.adapters.memory`, :mod:`~matfactor.adapters.memory`), the compressed modules
 (:mod:`~matfactor.adapters.modules`), checkpoints (:mod:`~matfactor.adapters.checkpoint`) and
 text-model helpers (:mod:`~matfactor.adapters.text`). They need torch, and the Hugging Face
 parts need the ``hf`` extra (``pip install -e ".[hf]"``). The core never imports this package.
 """
 
 from .checkpoint import CheckpointError, CheckpointSummary, load_compressed, save_compressed
+from .journal import RunMismatchError
 from .layers import is_compressible, layer_inputs, weight_matrix
+from .memory import MemoryPlan
 from .methods import METHODS
 from .modules import (
     CompressedModule,
@@ -25,7 +30,7 @@ from .modules import (
     compressed_module,
     replace_module,
 )
-from .pipeline import CompressionReport, LayerReport, compress_model, find_blocks
+from .pipeline import CompressionReport, LayerReport, compress_model, compression_plan, find_blocks
 from .recipe import Recipe, Rule
 
 __all__ = [
@@ -37,15 +42,18 @@ __all__ = [
     "DoubleSparseLinear",
     "LayerReport",
     "LowRankLinear",
+    "MemoryPlan",
     "PifaLinear",
     "Recipe",
     "Rule",
+    "RunMismatchError",
     "SparseConv2d",
     "SparseLinear",
     "SparseLowRankLinear",
     "UnfoldedConv2d",
     "compress_model",
     "compressed_module",
+    "compression_plan",
     "find_blocks",
     "is_compressible",
     "layer_inputs",

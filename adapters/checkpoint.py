@@ -278,8 +278,23 @@ def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(temporary, target)
+        _fsync_directory(target.parent)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Flush a directory's entries (a rename in it) to disk, where the system allows it."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:  # a system without directory descriptors (Windows)
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _sha256(path: Path) -> str:
@@ -346,6 +361,45 @@ def _pack_module(name: str, module: CompressedModule,
     return entry, files
 
 
+def _packed_module(name: str, module: CompressedModule,
+                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor], CompressedModule]:
+    """``module`` as a checkpoint stores it, and the module rebuilt from that.
+
+    Returns
+    -------
+    entry, files, rebuilt
+        Its manifest entry, its tensors for a safetensors file (on the CPU), and the module
+        :func:`load_compressed` makes of them, in ``module``'s device and training mode. The
+        rebuilt module computes exactly what a loaded checkpoint computes, so that a pipeline
+        that goes on with it is reproduced by one that resumes from the stored files.
+    """
+    entry, files = _pack_module(name, module)
+    rebuilt = _rebuild_module(entry, _Tensors(dict(files)), f"module {name!r}")
+    device = next(module.parameters()).device
+    return entry, files, rebuilt.to(device).train(module.training)
+
+
+def _module_from_files(name: str, entry: dict[str, Any], files: dict[str, torch.Tensor]) -> CompressedModule:
+    """The compressed module of a manifest ``entry`` and its tensors ``files`` (as written by
+    :func:`_packed_module`), all of them checked as :func:`load_compressed` checks them.
+
+    Raises
+    ------
+    CheckpointError
+        Tensors missing, extra, of another shape or dtype, or values the module refuses.
+    """
+    tensors = _Tensors(files)
+    try:
+        module = _rebuild_module(entry, tensors, f"module {name!r}")
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"module {name!r}: malformed entry ({type(error).__name__}: {error})") \
+            from error
+    extra = sorted(set(files) - tensors.used)
+    if extra:
+        raise CheckpointError(f"module {name!r}: tensors not in its entry: {extra}")
+    return module
+
+
 def save_compressed(model: nn.Module, path: str | os.PathLike[str], *,
                     tokenizer: Any | None = None) -> CheckpointSummary:
     """Save a model with compressed modules as a checkpoint directory (see the module docstring).
@@ -381,6 +435,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *,
     manifest_path = path / MANIFEST_NAME
     # An earlier manifest must not vouch for the files about to be rewritten.
     manifest_path.unlink(missing_ok=True)
+    for name in (WEIGHTS_NAME, MANIFEST_NAME):  # temporaries of a save that was killed
+        for leftover in path.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
 
     compressed = _compressed_modules(model)
     entries: dict[str, Any] = {}

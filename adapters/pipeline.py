@@ -27,14 +27,26 @@ blocks (twice the activation memory).
 Layers are replaced in place and a replaced dense layer is freed at once; the only copy of
 dense weights is the one block that carries the dense stream while it is compressed (with
 ``mix > 0`` or MPIFA).
+
+Where the solves run. The layers whose statistics are collected together (a group in
+sequential mode, every layer in one-shot mode) are independent problems: they are shipped to an
+``executor`` (:mod:`~matfactor.adapters.executors`: a process pool, Dask, Ray) as
+:class:`~matfactor.adapters.executors.LayerTask` s, with a fixed number of threads each, so that
+the model does not depend on the engine or its number of workers. With ``resume_dir``, each
+finished layer is recorded as it returns (:mod:`~matfactor.adapters.journal`), and a rerun takes
+it instead of solving it. Before anything runs, the memory plan (:func:`compression_plan`,
+:mod:`~matfactor.adapters.memory`) refuses a run whose largest solve cannot fit.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 import time
+from concurrent.futures import BrokenExecutor, Executor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -42,12 +54,16 @@ from torch import nn
 from matfactor import _validation as check
 
 from .calibration import CalibrationHooks, LayersObserved
+from .checkpoint import _packed_module
+from .executors import LayerTask, run_task
+from .journal import RunJournal, run_identity
 from .layers import is_compressible, weight_matrix
-from .methods import METHODS, LayerSolution, solve_layer
+from .memory import MemoryPlan, memory_plan
+from .methods import METHODS, LayerSolution
 from .modules import compressed_module, replace_module
 from .recipe import Recipe, Rule
 
-__all__ = ["CompressionReport", "LayerReport", "compress_model", "find_blocks"]
+__all__ = ["CompressionReport", "LayerReport", "compress_model", "compression_plan", "find_blocks"]
 
 #: Where Hugging Face models keep their repeated blocks, tried when ``_no_split_modules`` does
 #: not identify them.
@@ -82,6 +98,7 @@ class CompressionReport:
     model_params_before: int = 0
     model_params_after: int = 0
     notes: list[str] = field(default_factory=list)
+    plan: MemoryPlan | None = None
 
     @property
     def params_before(self) -> int:
@@ -301,46 +318,128 @@ def _targets(model: nn.Module, recipe: Recipe, block_names: list[str],
     return targets
 
 
+@dataclass
+class _Solves:
+    """How the layer solves of a run are done: where, with how many threads, and recorded where."""
+
+    executor: Executor | None       # None: in this process
+    threads: int
+    device: torch.device
+    mix: float
+    seed: int
+    journal: RunJournal | None
+    bar: Any
+
+    def run(self, tasks: list[LayerTask]) -> Iterator[tuple[LayerTask, LayerSolution]]:
+        """Solve ``tasks``, yielding each with its solution as it completes."""
+        if self.executor is None:
+            for task in tasks:
+                yield task, run_task(task)
+            return
+        futures = {self.executor.submit(run_task, task): task for task in tasks}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        except BrokenExecutor as lost:
+            where = f"; the finished layers are in {self.journal.directory}, rerun to resume" \
+                if self.journal is not None else ""
+            raise RuntimeError(f"a worker died while solving {', '.join(t.name for t in tasks)} "
+                               f"({type(lost).__name__}: {lost}){where}") from lost
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _layer_task(model: nn.Module, hooks: CalibrationHooks, targets: dict[str, tuple[Rule, int | None]],
+                name: str, solves: _Solves) -> tuple[LayerTask, int]:
+    """The solve of layer ``name`` (its weight or error-corrected target, ``H`` or MPIFA's
+    statistics, and its rule, shipped to the CPU when a worker solves it), and the number of
+    calibration samples behind its ``H``."""
+    rule, _ = targets[name]
+    W = weight_matrix(model.get_submodule(name), name).to(solves.device)
+    W = W.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+    H, n_samples = hooks.gram(name)
+    H = H.to(W.dtype)
+    statistics = hooks.statistics(name) if name in hooks.streams else None
+    arguments = dict(rule.arguments)
+    target = W
+    if METHODS[rule.method].needs_streams:
+        arguments.setdefault("mix", solves.mix)
+    elif statistics is not None and solves.mix > 0:
+        # error-accumulation correction for every method (PIFA section 4, eq. 7): approximate
+        # the weight whose output on the compressed stream best matches the mixed target
+        target = statistics.target_weight(W, solves.mix)
+    if not METHODS[rule.method].needs_streams:
+        statistics = None
+    if solves.executor is not None:  # workers get CPU tensors and move them to the solve device
+        cpu = torch.device("cpu")
+        target, H = target.to(cpu), H.to(cpu)
+        statistics = None if statistics is None else statistics.to_device(cpu)
+    task = LayerTask(name, target, H, statistics, rule.method, rule.density, rule.rank, rule.pattern,
+                     arguments, solves.seed, solves.threads, str(solves.device))
+    return task, n_samples
+
+
 def _solve_and_replace(model: nn.Module, hooks: CalibrationHooks,
                        targets: dict[str, tuple[Rule, int | None]], names: list[str],
-                       device: Any, mix: float, seed: int, progress: Any) -> list[LayerReport]:
-    reports = []
+                       solves: _Solves) -> list[LayerReport]:
+    """Compress the layers ``names`` (independent problems), each replaced as its solve returns.
+
+    A layer the journal has finished is taken from it instead of solved; every new module goes
+    through its stored form (:func:`~matfactor.adapters.checkpoint._packed_module`), so that the
+    model continues exactly as a resumed run's would, whether or not a journal keeps it.
+    """
+    reports: dict[str, LayerReport] = {}
+    tasks, n_samples = [], {}
     for name in names:
-        rule, block = targets[name]
-        module = model.get_submodule(name)
-        W = weight_matrix(module, name).to(device)
-        W = W.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
-        H, n_samples = hooks.gram(name)
-        H = H.to(W.dtype)
-        statistics = hooks.statistics(name) if name in hooks.streams else None
-        arguments = dict(rule.arguments)
-        target = W
-        if METHODS[rule.method].needs_streams:
-            arguments.setdefault("mix", mix)
-        elif statistics is not None and mix > 0:
-            # error-accumulation correction for every method (PIFA section 4, eq. 7): approximate
-            # the weight whose output on the compressed stream best matches the mixed target
-            target = statistics.target_weight(W, mix)
-        solution: LayerSolution = solve_layer(
-            name, target, H, statistics, rule.method, density=rule.density, rank=rule.rank,
-            pattern=rule.pattern, arguments=arguments, seed=seed)
-        compression = {"method": rule.method, "arguments": arguments,
-                       "pattern": solution.budget.pattern, "density": solution.budget.density,
-                       "rank": solution.budget.rank, "rel_error": solution.rel_error}
-        replace_module(model, name, compressed_module(module, solution.result, compression=compression))
-        reports.append(LayerReport(name, block, tuple(W.shape), rule.method, solution.rel_error,
-                                   W.shape[0] * W.shape[1], solution.params_after, solution.seconds,
-                                   n_samples))
-        progress.update(1)
-        progress.set_postfix_str(f"{name}: error {solution.rel_error:.4f}")
-    return reports
+        finished = solves.journal.finished(name) if solves.journal is not None else None
+        if finished is None:
+            task, n_samples[name] = _layer_task(model, hooks, targets, name, solves)
+            tasks.append(task)
+            continue
+        module, report = finished
+        replace_module(model, name, _like(module, model.get_submodule(name)))
+        reports[name] = LayerReport(**{**report, "shape": tuple(report["shape"])})
+        solves.bar.update(1)
+    for task, solution in solves.run(tasks):
+        reports[task.name] = _install(model, task, solution, targets[task.name][1], n_samples[task.name],
+                                      solves.journal)
+        solves.bar.update(1)
+        solves.bar.set_postfix_str(f"{task.name}: error {solution.rel_error:.4f}")
+    return [reports[name] for name in names]
+
+
+def _like(module: nn.Module, layer: nn.Module) -> nn.Module:
+    """``module`` on ``layer``'s device and in its training mode."""
+    return module.to(layer.weight.device).train(layer.training)
+
+
+def _install(model: nn.Module, task: LayerTask, solution: LayerSolution, block: int | None,
+             n_samples: int, journal: RunJournal | None) -> LayerReport:
+    """Replace layer ``task.name`` by its compressed module, recorded in ``journal``; the dense
+    layer is not referenced once this returns, so that it is freed while other solves run."""
+    compression = {"method": task.method, "arguments": task.arguments,
+                   "pattern": solution.budget.pattern, "density": solution.budget.density,
+                   "rank": solution.budget.rank, "rel_error": solution.rel_error}
+    module = compressed_module(model.get_submodule(task.name), solution.result, compression=compression)
+    d_in, d_out = task.W.shape
+    report = LayerReport(task.name, block, (d_in, d_out), task.method, solution.rel_error, d_in * d_out,
+                         solution.params_after, solution.seconds, n_samples)
+    if journal is not None:
+        module = journal.record(task.name, module, dataclasses.asdict(report))
+    else:
+        module = _packed_module(task.name, module)[2]
+    replace_module(model, task.name, module)
+    return report
 
 
 def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe, *,
                    blocks: str | list[nn.Module] = "auto", sequential: bool = True,
                    device: str | torch.device | None = None, offload: bool = True,
                    granularity: str = "layer", mix: float = 0.5, gram_dtype: str = "float32",
-                   seed: int = 0, progress: bool = True) -> CompressionReport:
+                   seed: int = 0, executor: Executor | None = None, threads: int = 1,
+                   resume_dir: str | os.PathLike[str] | None = None, restart: bool = False,
+                   memory_limit: int | None = None, progress: bool = True) -> CompressionReport:
     """Compress ``model`` in place following ``recipe``, calibrated on ``calibration``.
 
     Parameters
@@ -383,14 +482,48 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
     gram_dtype
         ``"float32"`` (default) or ``"float64"``: accumulation dtype of ``H``.
     seed
-        Seed of the randomized methods: the same seed gives the same model.
+        Seed of the randomized methods: the same seed (and ``threads``) gives the same model.
+    executor
+        Where the layer solves run: ``None`` (default) in this process, or any
+        :class:`concurrent.futures.Executor` (:mod:`matfactor.adapters.executors`: a local
+        process pool, Dask's ``Client.get_executor()``, a Ray executor). The layers whose
+        statistics are collected together (a group of the sequential mode, every layer in
+        one-shot mode) are solved concurrently; each task carries only the layer's weight, its
+        ``H`` (or MPIFA's statistics), the method and its arguments, and returns the factors.
+        Blocks are still processed in order.
+    threads
+        Torch intra-op threads of each layer solve (default 1), wherever it runs. The numbers
+        depend on it (parallel sums add in another order), not on the executor nor its number
+        of workers: the same seed and ``threads`` give the same model.
+    resume_dir
+        Record each finished layer in this directory as it completes, and take the layers a
+        previous run of the same model, calibration, recipe and options finished there
+        (:class:`~matfactor.adapters.journal.RunJournal`): an interrupted run continues where it
+        stopped and ends with the same model as an uninterrupted one.
+    restart
+        With ``resume_dir``: discard a previous run there instead of refusing a different one.
+    memory_limit
+        Bytes one layer solve may use on its device. ``None``: without an executor, the memory
+        the solve device has available now; with one, no limit is checked (the pools of
+        :func:`~matfactor.adapters.executors.open_pool` know theirs). A run with a layer whose
+        solve needs more (:func:`compression_plan`) is refused before anything runs.
     progress
         Show tqdm progress bars (blocks, and layers within a block).
 
     Returns
     -------
     CompressionReport
-        Per layer: name, shape, method, relative layer error, parameters before and after, time.
+        Per layer: name, shape, method, relative layer error, parameters before and after, time;
+        and the memory plan.
+
+    Raises
+    ------
+    MemoryError
+        A layer solve needs more than ``memory_limit`` (nothing has been changed then).
+    RunMismatchError
+        ``resume_dir`` holds a run of another model, calibration, recipe or options.
+    RuntimeError
+        A worker of ``executor`` died (the finished layers are in ``resume_dir``).
     """
     from tqdm.auto import tqdm
 
@@ -407,36 +540,45 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
     sequential = check.flag("sequential", sequential)
     offload = check.flag("offload", offload)
     seed = check.integer("seed", seed, minimum=0)
+    threads = check.integer("threads", threads, minimum=1)
+    restart = check.flag("restart", restart)
+    if executor is not None and not callable(getattr(executor, "submit", None)):
+        raise TypeError(f"executor must be None or a concurrent.futures.Executor, got "
+                        f"{type(executor).__name__}")
     start = time.perf_counter()
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
+    device = _solve_device(model, device)
     storage = torch.device("cpu") if offload else device
-    if blocks == "auto":
-        block_list = find_blocks(model) if sequential or _findable(model) else []
-    elif blocks is None and not sequential:
-        block_list = []
-    else:
-        block_list = _named_blocks(model, blocks)
+    block_list, targets = _selection(model, recipe, blocks, sequential)
     block_names = [name for name, _ in block_list]
-    targets = _targets(model, recipe, block_names, sequential)
     streams = frozenset(name for name, (rule, _) in targets.items()
                         if METHODS[rule.method].needs_streams or (sequential and mix > 0))
+    plan = memory_plan(model, targets, device=device, concurrent=1 if executor is None else None,
+                       memory_limit=memory_limit)
+    plan.check()
+    journal = None
+    if resume_dir is not None:
+        options = {"sequential": sequential, "granularity": granularity, "mix": mix,
+                   "gram_dtype": gram_dtype, "seed": seed, "threads": threads,
+                   "device": device.type, "blocks": block_names}
+        journal = RunJournal(resume_dir, run_identity(model, batches, recipe.to_dict(), options),
+                             restart=restart)
     params_before = sum(p.numel() for p in model.parameters())
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(targets), desc="layers", unit="layer", disable=not progress)
+    solves = _Solves(executor, threads, device, mix, seed, journal, bar)
     try:
         with torch.no_grad():
             if sequential:
-                reports = _sequential(model, block_list, batches, targets, streams, device, storage,
-                                      gram_dtype, granularity, mix, seed, bar, tqdm, progress)
+                reports = _sequential(model, block_list, batches, targets, streams, storage,
+                                      gram_dtype, granularity, solves, tqdm, progress)
             else:
-                reports = _one_shot(model, batches, targets, streams, device, gram_dtype, mix, seed, bar)
+                reports = _one_shot(model, batches, targets, streams, gram_dtype, solves)
     finally:
         bar.close()
         model.train(was_training)
     report = CompressionReport(reports, "sequential" if sequential else "one-shot", len(block_list),
-                               len(batches), time.perf_counter() - start, params_before)
+                               len(batches), time.perf_counter() - start, params_before, plan=plan)
     report.model_params_after = params_before - report.params_before + report.params_after
     starved = [layer.name for layer in reports if layer.n_samples < layer.shape[0]]
     if starved:
@@ -444,6 +586,53 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
                             "than inputs, so their H is singular and the solves fit the calibration "
                             "data closely; give more calibration text")
     return report
+
+
+def _solve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def _selection(model: nn.Module, recipe: Recipe, blocks: str | list[nn.Module] | None,
+               sequential: bool) -> tuple[list[tuple[str, nn.Module]], dict[str, tuple[Rule, int | None]]]:
+    """The named blocks and the target layers (:func:`_targets`) of a run."""
+    if blocks == "auto":
+        block_list = find_blocks(model) if sequential or _findable(model) else []
+    elif blocks is None and not sequential:
+        block_list = []
+    else:
+        block_list = _named_blocks(model, blocks)
+    return block_list, _targets(model, recipe, [name for name, _ in block_list], sequential)
+
+
+def compression_plan(model: nn.Module, recipe: Recipe, *, blocks: str | list[nn.Module] = "auto",
+                     sequential: bool = True, device: str | torch.device | None = None,
+                     concurrent: int | None = 1, memory_limit: int | None = None) -> MemoryPlan:
+    """The memory plan of :func:`compress_model` with these arguments, before it runs.
+
+    Parameters
+    ----------
+    model, recipe, blocks, sequential, device, memory_limit
+        As for :func:`compress_model`.
+    concurrent
+        Solves that run at once on ``device``: 1 in this process (default), the number of
+        workers of a local pool; ``None`` for a remote executor (then only ``memory_limit`` is
+        checked).
+
+    Returns
+    -------
+    MemoryPlan
+        Per method, shape and dtype, the peak memory of one layer solve; and what one solve may
+        use (:meth:`~matfactor.adapters.memory.MemoryPlan.check` refuses it if it does not fit).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a matfactor.adapters.Recipe, got {type(recipe).__name__}")
+    _, targets = _selection(model, recipe, blocks, check.flag("sequential", sequential))
+    if concurrent is not None:
+        concurrent = check.integer("concurrent", concurrent, minimum=1)
+    return memory_plan(model, targets, device=_solve_device(model, device), concurrent=concurrent,
+                       memory_limit=memory_limit)
 
 
 def _findable(model: nn.Module) -> bool:
@@ -468,9 +657,9 @@ def _named_blocks(model: nn.Module, blocks: Any) -> list[tuple[str, nn.Module]]:
 
 def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list[Any],
                 targets: dict[str, tuple[Rule, int | None]], streams: frozenset[str],
-                device: Any, storage: Any, gram_dtype: str, granularity: str, mix: float, seed: int,
-                bar: Any,
+                storage: Any, gram_dtype: str, granularity: str, solves: _Solves,
                 tqdm: Any, progress: bool) -> list[LayerReport]:
+    device = solves.device
     inputs = _capture_first_inputs(model, blocks, batches, storage)
     for item in inputs:
         item.dense_hidden = item.args[0] if streams else None
@@ -509,7 +698,7 @@ def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: 
                 # run, each group calibrated on the outputs of the compressed earlier ones
                 plan = hooks.groups() if granularity == "layer" else [list(remaining)]
             group = plan.pop(0)
-            reports += _solve_and_replace(model, hooks, targets, group, device, mix, seed, bar)
+            reports += _solve_and_replace(model, hooks, targets, group, solves)
             remaining = [name for name in remaining if name not in group]
             block = model.get_submodule(block_name)  # the block itself may have been replaced
         for item in inputs:
@@ -523,12 +712,11 @@ def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: 
 
 
 def _one_shot(model: nn.Module, batches: list[Any], targets: dict[str, tuple[Rule, int | None]],
-              streams: frozenset[str], device: Any, gram_dtype: str, mix: float, seed: int,
-              bar: Any) -> list[LayerReport]:
+              streams: frozenset[str], gram_dtype: str, solves: _Solves) -> list[LayerReport]:
     layers = {name: model.get_submodule(name) for name in targets}
     with CalibrationHooks(layers, dtype=gram_dtype, streams=streams) as hooks:
         for batch in batches:
             hooks.begin_batch(_token_mask(batch))
             _run(model, batch)
     del layers
-    return _solve_and_replace(model, hooks, targets, list(targets), device, mix, seed, bar)
+    return _solve_and_replace(model, hooks, targets, list(targets), solves)

@@ -52,6 +52,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _byte_count(text: str) -> int:
+    """A size such as ``12GiB``, ``500MB`` or ``1048576``."""
+    number = text.strip().rstrip("bBiIkKmMgGtT")
+    unit = text.strip()[len(number):].upper()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise argparse.ArgumentTypeError(f"expected a size such as 12GiB, 500MB or 1048576, got {text!r}")
+    return int(value)
+
+
 def _existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
@@ -114,6 +131,30 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--device", type=_device, help="device of the blocks and solves "
                                                          "(default: cpu)")
     compress.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    scale = compress.add_argument_group(
+        "scale-out and resuming",
+        "Layer solves run on a pool of workers; each finished layer is recorded in --out, so that "
+        "the same command, run again after an interruption, continues where it stopped. The "
+        "numbers depend on --seed and --threads only, not on the executor or the workers.")
+    scale.add_argument("--executor", choices=("process", "dask", "ray"), default="process",
+                       help="where the layer solves run with more than one worker: a local process "
+                            "pool (default), a Dask cluster or Ray")
+    scale.add_argument("--workers", type=_positive_int, metavar="N",
+                       help="concurrent layer solves (default: the usable CPUs, 1 with a CUDA "
+                            "device); 1 solves in this process unless --executor is dask or ray")
+    scale.add_argument("--threads", type=_positive_int, default=1, metavar="T",
+                       help="torch threads of each layer solve (default 1)")
+    scale.add_argument("--scheduler", metavar="ADDRESS",
+                       help="a running cluster instead of a local one: the Dask scheduler "
+                            "(tcp://host:8786) or the Ray address (auto, ray://host:10001)")
+    scale.add_argument("--memory-limit", type=_byte_count, metavar="SIZE",
+                       help="memory one layer solve may use, e.g. 12GiB (default: what the local "
+                            "device has available, shared by the workers; a Dask worker's "
+                            "memory limit; a Ray node's memory per concurrent solve)")
+    scale.add_argument("--restart", action="store_true",
+                       help="discard the finished layers of an earlier run in --out instead of "
+                            "resuming it (an earlier run of another model, recipe or options is "
+                            "refused without this)")
     compress.add_argument("--texts", type=_existing_file, metavar="TEXTFILE",
                           help="held-out texts for the evaluation, one per line (default: pydoc "
                                "topics, held-out half)")
@@ -164,7 +205,11 @@ def _weights_bytes(model_dir: Path) -> int:
 
 
 def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from matfactor.adapters import compress_model, load_compressed, save_compressed
+    import torch
+
+    from matfactor.adapters import compress_model, compression_plan, load_compressed, save_compressed
+    from matfactor.adapters.executors import open_pool, usable_cpus
+    from matfactor.adapters.journal import discard_run
     from matfactor.adapters.text import (
         default_model_dir,
         embedding_fidelity,
@@ -185,10 +230,25 @@ def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     n_tokens = int(sum(int(batch["attention_mask"].sum()) for batch in batches))
     print(f"model {model_dir} ({type(model).__name__}); {len(texts)} calibration texts, "
           f"{n_tokens} tokens; recipe {recipe.to_dict()}")
-    report = compress_model(model, batches, recipe, sequential=not args.one_shot, device=args.device,
-                            mix=args.mix, seed=args.seed, progress=not args.quiet)
+    device = torch.device(args.device) if args.device else next(model.parameters()).device
+    workers = args.workers or (usable_cpus() if device.type == "cpu" else 1)
+    # the plan first: a run that cannot fit is refused before a pool or cluster is started
+    plan = compression_plan(model, recipe, sequential=not args.one_shot, device=device,
+                            concurrent=workers, memory_limit=args.memory_limit)
+    print(plan.format_table())
+    plan.check()
+    with open_pool(args.executor, workers=workers, threads=args.threads, address=args.scheduler,
+                   device=device) as pool:
+        memory_limit = args.memory_limit or pool.memory
+        print(f"layer solves: {pool.description}, {args.threads} thread(s) each; finished layers "
+              f"are recorded in {args.out}")
+        report = compress_model(model, batches, recipe, sequential=not args.one_shot, device=device,
+                                mix=args.mix, seed=args.seed, executor=pool.executor,
+                                threads=args.threads, resume_dir=args.out, restart=args.restart,
+                                memory_limit=memory_limit, progress=not args.quiet)
     print(report.format_table())
     summary = save_compressed(model, args.out, tokenizer=tokenizer)
+    discard_run(args.out)  # the checkpoint holds every layer now
     dense_bytes = _weights_bytes(Path(model_dir))
     print(f"checkpoint {args.out}: compressed layers {summary.dense_bytes:,} -> {summary.stored_bytes:,} "
           f"bytes ({summary.ratio:.3f}); weights file {dense_bytes:,} -> {summary.file_bytes:,} bytes "
@@ -223,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError as missing:
         parser.exit(2, f"matfactor: error: {missing}; the command needs the hf extra: "
                        "pip install -e \".[hf]\"\n")
-    except (ValueError, RuntimeError, OSError) as problem:  # bad input named by the library
+    except (ValueError, RuntimeError, OSError, MemoryError) as problem:  # named by the library
         parser.exit(2, f"matfactor: error: {problem}\n")
 
 

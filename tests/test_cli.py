@@ -8,40 +8,17 @@ import subprocess
 import sys
 
 import pytest
-import torch
+from text_models import WORDS, save_tiny_bert, write_texts
 
 from matfactor.__main__ import main
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = ("the a of to in is was for on that with as by it this be are from at or an which "
-         "function class value module return list string object type name file data error method "
-         "python code call argument default number new set use".split())
-
-
-
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A 2-block BERT with its WordPiece tokenizer, saved as a Hugging Face model directory."""
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    tokenizer = transformers.BertTokenizerFast(vocab={token: index for index, token in enumerate(vocab)})
-    torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=len(WORDS) + 5,
-                                     max_position_embeddings=64)
-    transformers.BertModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def write_texts(path, count, seed):
-    generator = torch.Generator().manual_seed(seed)
-    lines = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (12,), generator=generator))
-             for _ in range(count)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def test_compress_then_evaluate(tiny_model_dir, tmp_path, capsys):
@@ -73,7 +50,8 @@ def test_recipe_file_and_one_shot(tiny_model_dir, tmp_path, capsys):
                       "  - {method: pifa, density: 0.5}\n")
     calibration = write_texts(tmp_path / "calibration.txt", 32, seed=3)
     main(["compress", "--model", str(tiny_model_dir), "--recipe", str(recipe), "--one-shot",
-          "--calibration", str(calibration), "--no-evaluate", "--quiet", "--out", str(tmp_path / "out")])
+          "--calibration", str(calibration), "--no-evaluate", "--quiet", "--workers", "1",
+          "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     assert "one-shot" in printed and "wanda" in printed and "pifa" in printed
     assert "embedding cosine" not in printed
@@ -90,6 +68,11 @@ def test_recipe_file_and_one_shot(tiny_model_dir, tmp_path, capsys):
     (["compress", "--model", "/no/such/dir", "--out", "x"], "no such directory"),
     (["compress", "--calibration", "/no/such.txt", "--out", "x"], "no such file"),
     (["compress", "--device", "gpu7", "--out", "x"], "not a torch device"),
+    (["compress", "--workers", "0", "--out", "x"], "argument --workers: expected a positive integer"),
+    (["compress", "--threads", "two", "--out", "x"], "argument --threads: expected a positive integer"),
+    (["compress", "--executor", "spark", "--out", "x"], "argument --executor: invalid choice: 'spark'"),
+    (["compress", "--memory-limit", "lots", "--out", "x"], "argument --memory-limit: expected a size"),
+    (["compress", "--memory-limit", "0GB", "--out", "x"], "argument --memory-limit: expected a size"),
     (["evaluate"], "the following arguments are required: --compressed"),
     ([], "the following arguments are required"),
 ])

@@ -15,9 +15,11 @@ def test_core_imports_no_framework():
     assert result.stdout.strip() == "[]"
 
 
-def test_adapters_import_no_top_level_adapters():
-    code = ("import sys, matfactor.adapters; "
-            "print(sorted(m for m in ('adapters', 'matfactor.adapters') if m in sys.modules))")
+def test_adapters_import_no_top_level_adapters_nor_a_scheduler():
+    """Dask and Ray are imported only when an executor of theirs is asked for."""
+    code = ("import sys, matfactor.adapters, matfactor.adapters.executors; "
+            "print(sorted(m for m in ('adapters', 'matfactor.adapters', 'dask', 'distributed', 'ray') "
+            "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "['matfactor.adapters']"
 

@@ -20,6 +20,7 @@ from matfactor.adapters import (
     save_compressed,
     weight_matrix,
 )
+from matfactor.adapters import executors as executors_module
 from matfactor.adapters import pipeline as pipeline_module
 from matfactor.adapters.calibration import CalibrationHooks
 from matfactor.adapters.modules import CompressedModule, SparseLinear
@@ -53,13 +54,13 @@ class RecordingSolves:
 
     def __init__(self, monkeypatch):
         self.H: dict[str, torch.Tensor] = {}
-        original = pipeline_module.solve_layer
+        original = executors_module.solve_layer
 
         def solve(name, W, H, *args, **kwargs):
             self.H[name] = H.clone()
             return original(name, W, H, *args, **kwargs)
 
-        monkeypatch.setattr(pipeline_module, "solve_layer", solve)
+        monkeypatch.setattr(executors_module, "solve_layer", solve)
 
 
 def input_grams(model: nn.Module, batches: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
@@ -424,7 +425,7 @@ def test_replaced_layers_are_freed_during_the_run(monkeypatch, sequential):
     originals = {name: weakref.ref(module) for name, module in model.named_modules()
                  if isinstance(module, nn.Linear) and name.startswith("encoder.")}
     alive_at_last_solve = []
-    original = pipeline_module.solve_layer
+    original = executors_module.solve_layer
 
     def solve(name, *args, **kwargs):
         if name == "encoder.layer.1.output.dense":
@@ -432,7 +433,7 @@ def test_replaced_layers_are_freed_during_the_run(monkeypatch, sequential):
             alive_at_last_solve.extend(n for n, ref in originals.items() if ref() is not None)
         return original(name, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "solve_layer", solve)
+    monkeypatch.setattr(executors_module, "solve_layer", solve)
     compress_model(model, token_batches(), Recipe.single("magnitude", density=0.5), sequential=sequential,
                    progress=False)
     # only the layer being solved may still be alive (it is replaced right after its solve)

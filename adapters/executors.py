@@ -1,0 +1,327 @@
+"""Where the layer solves run: in this process, a local process pool, a Dask cluster or Ray.
+
+Once its calibration statistics are collected, a layer problem is independent of every other
+one: :func:`compress_model` ships each solve as a :class:`LayerTask` (the weight, its Gram ``H``
+or MPIFA's two-stream statistics, the method, its budget and arguments, the seed; never the
+model) to a :class:`concurrent.futures.Executor` and gets back only the compressed factors
+(a :class:`~matfactor.adapters.methods.LayerSolution`). Any executor works:
+
+- :func:`process_pool`: a local ``ProcessPoolExecutor`` (spawned workers; the default of the
+  ``matfactor`` command);
+- :func:`dask_executor`: ``Client.get_executor()`` of a ``dask.distributed`` cluster, local or
+  remote (the ``dask`` extra);
+- :func:`ray_executor`: a :class:`RayExecutor` running each solve as a Ray task, the unit Ray's
+  documentation recommends for stateless functions (the ``ray`` extra).
+
+The core never imports Dask or Ray; this module imports them only when asked for such an
+executor.
+
+Reproducibility. A solve's floating-point results depend on how many threads its BLAS and torch
+kernels use (a parallel sum adds in another order), so every solve runs with a fixed
+``threads`` count, set inside the task wherever it runs. With the same seed and ``threads``, the
+numbers are the same in this process, in a process pool, on Dask or on Ray, with any number of
+workers: on one kind of machine and software stack (another CPU type or library version may
+round differently).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from matfactor import ReconstructionStatistics
+
+from .methods import LayerSolution, solve_layer
+
+__all__ = ["LayerTask", "Pool", "RayExecutor", "dask_executor", "open_pool", "process_pool",
+           "ray_executor", "run_task", "usable_cpus"]
+
+
+@dataclass(frozen=True)
+class LayerTask:
+    """Everything one layer solve needs, and nothing of the model.
+
+    Attributes
+    ----------
+    name
+        The layer's name (for messages and the result).
+    W
+        ``(d_in, d_out)`` float32 or float64 weight the method approximates (the dense weight,
+        or its error-corrected target in sequential mode with ``mix > 0``), on the CPU.
+    H
+        ``(d_in, d_in)`` Gram matrix of the calibration inputs, same dtype, on the CPU.
+    statistics
+        MPIFA's two-stream statistics, else ``None``.
+    method, density, rank, pattern, arguments
+        The recipe rule that applies to the layer.
+    seed
+        Seed of the randomized methods.
+    threads
+        Intra-op threads of torch during the solve (see the module docstring).
+    device
+        Where the solve runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...); the result comes back
+        on the CPU.
+    """
+
+    name: str
+    W: torch.Tensor
+    H: torch.Tensor
+    statistics: ReconstructionStatistics | None
+    method: str
+    density: float | None
+    rank: int | None
+    pattern: str
+    arguments: dict[str, Any]
+    seed: int
+    threads: int
+    device: str
+
+
+@contextlib.contextmanager
+def solve_threads(threads: int) -> Iterator[None]:
+    """Run the body with ``threads`` torch intra-op threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """A tensor, a matfactor result (frozen dataclass of tensors) or statistics on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        moved = {field.name: getattr(value, field.name).to(device) for field in dataclasses.fields(value)
+                 if field.init and isinstance(getattr(value, field.name), torch.Tensor)
+                 and getattr(value, field.name).device != device}
+        return dataclasses.replace(value, **moved) if moved else value
+    if isinstance(value, ReconstructionStatistics):
+        return value.to_device(device)
+    return value
+
+
+def run_task(task: LayerTask) -> LayerSolution:
+    """Solve one :class:`LayerTask` (in whichever process the executor runs it).
+
+    Returns
+    -------
+    LayerSolution
+        With its result's tensors on the CPU.
+    """
+    device = torch.device(task.device)
+    with solve_threads(task.threads):
+        solution = solve_layer(task.name, task.W.to(device), task.H.to(device),
+                               _to_device(task.statistics, device), task.method,
+                               density=task.density, rank=task.rank, pattern=task.pattern,
+                               arguments=task.arguments, seed=task.seed)
+    solution.result = _to_device(solution.result, torch.device("cpu"))
+    return solution
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """A local pool of ``workers`` spawned processes for :class:`LayerTask` solves.
+
+    Spawned rather than forked: a fork of a process whose torch thread pools are running can
+    deadlock. Each worker imports torch and matfactor on its first task (seconds), then solves
+    one layer at a time.
+    """
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+@contextlib.contextmanager
+def _dask_client(address: str | None, workers: int) -> Iterator[Any]:
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as missing:
+        raise ImportError(f"the Dask executor needs the dask extra: pip install -e \".[dask]\" "
+                          f"({missing})") from missing
+    with contextlib.ExitStack() as stack:
+        if address is None:
+            cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1,
+                                                       processes=True, dashboard_address=None))
+            yield stack.enter_context(Client(cluster))
+        else:
+            yield stack.enter_context(Client(address))
+
+
+@contextlib.contextmanager
+def dask_executor(address: str | None = None, *, workers: int = 1) -> Iterator[Executor]:
+    """``Client.get_executor()`` of a Dask cluster: the one at ``address``, or a local one.
+
+    Parameters
+    ----------
+    address
+        A running scheduler (``"tcp://host:8786"``, as ``dask scheduler`` prints). ``None``:
+        start a ``LocalCluster`` of ``workers`` processes with one thread each, closed on exit.
+    workers
+        Worker processes of the local cluster (ignored with ``address``).
+
+    Tasks are submitted with ``pure=False`` (each solve is its own task; hashing the arrays to
+    deduplicate them would cost time for nothing).
+    """
+    with _dask_client(address, workers) as client:
+        yield client.get_executor(pure=False)
+
+
+class RayExecutor(Executor):
+    """A :class:`concurrent.futures.Executor` that runs each call as a Ray task.
+
+    ``submit(fn, *args)`` runs ``ray.remote(fn).remote(*args)`` with ``num_cpus`` CPUs reserved
+    per task, and returns the task's object reference as a ``concurrent.futures.Future``
+    (``ObjectRef.future()``). Ray retries a task whose worker died (``max_retries``).
+
+    Parameters
+    ----------
+    num_cpus
+        CPUs Ray reserves for each task (set it to the solves' ``threads``).
+    max_retries
+        Retries of a task whose worker process died (Ray's default is 3).
+    """
+
+    def __init__(self, *, num_cpus: int = 1, max_retries: int = 3) -> None:
+        import ray
+
+        self._ray = ray
+        self._options = {"num_cpus": num_cpus, "max_retries": max_retries}
+        self._remote: dict[Callable[..., Any], Any] = {}
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if fn not in self._remote:  # register each function with Ray once
+            self._remote[fn] = self._ray.remote(**self._options)(fn)
+        return self._remote[fn].remote(*args, **kwargs).future()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown = True
+
+
+@contextlib.contextmanager
+def ray_executor(address: str | None = None, *, workers: int = 1,
+                 threads: int = 1) -> Iterator[RayExecutor]:
+    """A :class:`RayExecutor` on the Ray cluster at ``address``, or on a local Ray instance.
+
+    Parameters
+    ----------
+    address
+        A running cluster (``"auto"``, ``"ray://host:10001"``, ...). ``None``: start a local Ray
+        instance with ``workers × threads`` CPUs, shut down on exit.
+    workers, threads
+        Concurrent solves and CPUs per solve on the local instance (``threads`` is also each
+        task's CPU reservation on a remote cluster).
+    """
+    try:
+        import ray
+    except ImportError as missing:
+        raise ImportError(f"the Ray executor needs the ray extra: pip install -e \".[ray]\" "
+                          f"({missing})") from missing
+    started = not ray.is_initialized()
+    if started:
+        if address is None:
+            ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    try:
+        yield RayExecutor(num_cpus=threads)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@dataclass(frozen=True)
+class Pool:
+    """An executor for layer solves, with what the run needs to know about it.
+
+    Attributes
+    ----------
+    executor
+        ``None``: the solves run in this process.
+    workers
+        Solves that run at once.
+    memory
+        Bytes one solve may use, where the pool knows it (``None``: unknown).
+    description
+        For the run's log, e.g. ``"a local process pool of 4 workers"``.
+    """
+
+    executor: Executor | None
+    workers: int
+    memory: int | None
+    description: str
+
+
+def _dask_worker_memory(client: Any) -> int | None:
+    limits = [worker.get("memory_limit") or 0 for worker in client.scheduler_info()["workers"].values()]
+    return min(limits) if limits and min(limits) > 0 else None
+
+
+def _ray_solve_memory(threads: int) -> int | None:
+    import ray
+
+    shares = [node["Resources"]["memory"] / max(1, int(node["Resources"].get("CPU", 1)) // threads)
+              for node in ray.nodes() if node.get("Alive") and "memory" in node.get("Resources", {})]
+    return int(min(shares)) if shares else None
+
+
+@contextlib.contextmanager
+def open_pool(kind: str, *, workers: int, threads: int = 1, address: str | None = None,
+              device: str | torch.device = "cpu") -> Iterator[Pool]:
+    """The executor the ``matfactor`` command runs the layer solves on, closed on exit.
+
+    Parameters
+    ----------
+    kind
+        ``"process"``: a local process pool of ``workers`` (with ``workers=1``, no pool: the
+        solves run in this process); ``"dask"``: :func:`dask_executor`; ``"ray"``:
+        :func:`ray_executor`.
+    workers
+        Concurrent solves (the workers of a local pool or cluster; ignored with ``address``).
+    threads
+        Threads of each solve (the CPUs a Ray task reserves).
+    address
+        A running Dask scheduler or Ray cluster instead of a local one.
+    device
+        Where the solves run: a local pool shares this device's available memory.
+    """
+    from .memory import available_memory
+
+    if kind not in ("process", "dask", "ray"):
+        raise ValueError(f"kind must be 'process', 'dask' or 'ray', got {kind!r}")
+    if kind == "process":
+        available = available_memory(device)
+        share = None if available is None else available // workers
+        if workers == 1:
+            yield Pool(None, 1, share, "this process")
+            return
+        with process_pool(workers) as pool:
+            yield Pool(pool, workers, share, f"a local process pool of {workers} workers")
+        return
+    where = f"the cluster at {address}" if address else f"a local cluster of {workers} workers"
+    if kind == "dask":
+        with _dask_client(address, workers) as client:
+            count = len(client.scheduler_info()["workers"])
+            yield Pool(client.get_executor(pure=False), count, _dask_worker_memory(client),
+                       f"Dask, {where}")
+        return
+    with ray_executor(address, workers=workers, threads=threads) as executor:
+        import ray
+
+        count = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+        yield Pool(executor, count, _ray_solve_memory(threads), f"Ray, {where}")

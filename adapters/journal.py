@@ -1,0 +1,210 @@
+"""Resumable runs: every finished layer on disk as it completes, and refusal to mix runs.
+
+A :class:`RunJournal` keeps, in a directory (the ``matfactor`` command uses its ``--out``)::
+
+    run.json                       what the run is: model, calibration, recipe and options
+    layers/<layer name>.safetensors   one finished layer: its compressed module's tensors
+    layers/<layer name>.json          its manifest entry, the file's sha256 and its report
+
+:func:`~matfactor.adapters.compress_model` records each layer the moment its solve returns, and
+a layer counts as finished only once its entry exists. Every file is written to a temporary name,
+flushed to disk and renamed over the final name (``os.replace`` is atomic), the entry after the
+tensors it vouches for. So a run killed at any point (``kill -9``, a lost machine, a lost worker)
+leaves finished layers, each complete and verified by its sha256, and nothing else that counts.
+Run again with the same model, calibration, recipe and options, it takes those layers instead of
+solving them again, and does everything else as the first run did; the model it ends with, and so
+the checkpoint, is identical to the one of an uninterrupted run (same software and hardware).
+
+``run.json`` identifies the run by the sha256 of the model's state dict and of the calibration
+batches, the recipe, the options that change the numbers (mode, granularity, ``mix``, Gram dtype,
+seed, threads per solve, solve device type) and the matfactor and torch versions. A directory
+holding another run is refused with a message that says what differs, unless ``restart=True``,
+which discards its layers first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import matfactor
+
+from .checkpoint import CheckpointError, _module_from_files, _packed_module, _sha256, _write_atomically
+from .modules import CompressedModule
+
+__all__ = ["RUN_NAME", "RunJournal", "RunMismatchError", "discard_run", "run_identity"]
+
+RUN_NAME = "run.json"
+_LAYERS = "layers"
+_JOURNAL_FORMAT = "matfactor-run"
+
+
+class RunMismatchError(ValueError):
+    """A run directory that holds the finished layers of another run (another model,
+    calibration, recipe or options): resuming would mix two runs."""
+
+
+def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
+    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    flat = tensor.detach().reshape(-1).contiguous().cpu()
+    digest.update(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+
+
+def _hash_value(digest: Any, value: Any) -> None:
+    """Feed a nested structure of tensors, containers and scalars to ``digest``."""
+    if isinstance(value, torch.Tensor):
+        _hash_tensor(digest, value)
+    elif isinstance(value, dict):
+        digest.update(b"{")
+        for key in sorted(value, key=str):
+            digest.update(repr(key).encode())
+            _hash_value(digest, value[key])
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[")
+        for item in value:
+            _hash_value(digest, item)
+        digest.update(b"]")
+    else:
+        digest.update(repr(value).encode())
+
+
+def run_identity(model: nn.Module, batches: list[Any], recipe: dict[str, Any],
+                 options: dict[str, Any]) -> dict[str, Any]:
+    """What a run is, as :class:`RunJournal` compares it: JSON-able, one key per thing that can
+    differ.
+
+    Parameters
+    ----------
+    model
+        The dense model before compression (its class and state dict are hashed).
+    batches
+        The calibration batches (their tensors are hashed).
+    recipe
+        ``Recipe.to_dict()``.
+    options
+        The options of :func:`~matfactor.adapters.compress_model` that change the numbers.
+    """
+    weights = hashlib.sha256(type(model).__name__.encode())
+    for key, tensor in model.state_dict().items():
+        weights.update(key.encode())
+        _hash_tensor(weights, tensor)
+    calibration = hashlib.sha256()
+    _hash_value(calibration, batches)
+    return {"model": weights.hexdigest(), "calibration": calibration.hexdigest(), "recipe": recipe,
+            "options": options, "versions": {"matfactor": matfactor.__version__,
+                                             "torch": torch.__version__}}
+
+
+def _describe_difference(key: str, before: Any, now: Any) -> str:
+    if key in ("model", "calibration") and isinstance(before, str):
+        return f"the {key} differs (sha256 {before[:12]}... then, {now[:12]}... now)"
+    verb = "differ" if key.endswith("s") else "differs"
+    return f"the {key} {verb}: {json.dumps(before)} then, {json.dumps(now)} now"
+
+
+class RunJournal:
+    """The finished layers of one compression run, in ``directory`` (see the module docstring).
+
+    Parameters
+    ----------
+    directory
+        The run's directory (created if needed).
+    identity
+        :func:`run_identity` of this run.
+    restart
+        Discard the finished layers of whatever run the directory holds, instead of refusing a
+        different run.
+
+    Raises
+    ------
+    RunMismatchError
+        The directory holds another run (and ``restart`` is false); the message says what
+        differs.
+    CheckpointError
+        Its ``run.json`` is unreadable.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], identity: dict[str, Any], *,
+                 restart: bool = False) -> None:
+        self.directory = Path(directory)
+        self.layers = self.directory / _LAYERS
+        record = {"format": _JOURNAL_FORMAT, **identity}
+        run_path = self.directory / RUN_NAME
+        if run_path.is_file() and not restart:
+            try:
+                before = json.loads(run_path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise CheckpointError(f"{run_path} is not a readable run record ({error}); "
+                                      "restart the run to discard it") from error
+            differences = [_describe_difference(key, before.get(key), value)
+                           for key, value in record.items() if before.get(key) != value]
+            if differences:
+                raise RunMismatchError(
+                    f"{self.directory} holds the finished layers of another run: "
+                    + "; ".join(differences) + ". Resuming would mix the two: restart it (discards "
+                    "its layers; the command's --restart) or use another directory")
+        elif restart or not run_path.is_file():
+            shutil.rmtree(self.layers, ignore_errors=True)
+        self.layers.mkdir(parents=True, exist_ok=True)
+        for leftover in self.layers.glob(".*.tmp"):  # a write a killed run did not finish
+            leftover.unlink(missing_ok=True)
+        text = json.dumps(record, indent=1, sort_keys=True)
+        _write_atomically(run_path, lambda target: target.write_text(text, encoding="utf-8"))
+
+    def _paths(self, name: str) -> tuple[Path, Path]:
+        return self.layers / f"{name}.safetensors", self.layers / f"{name}.json"
+
+    def finished(self, name: str) -> tuple[CompressedModule, dict[str, Any]] | None:
+        """Layer ``name``'s compressed module and its report if it is finished, else ``None``.
+
+        Raises
+        ------
+        CheckpointError
+            Its entry exists but its tensors are missing or damaged (not a crash, which
+            cannot do that: the files were changed since).
+        """
+        tensors_path, entry_path = self._paths(name)
+        if not entry_path.is_file():
+            return None
+        try:
+            record = json.loads(entry_path.read_text(encoding="utf-8"))
+            if not tensors_path.is_file() or _sha256(tensors_path) != record["sha256"]:
+                raise CheckpointError(f"{tensors_path} is missing or damaged (its sha256 differs "
+                                      f"from {entry_path.name}'s)")
+            files = load_file(str(tensors_path))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+                SafetensorError) as error:
+            raise CheckpointError(f"finished layer {name!r} in {self.layers} is unreadable "
+                                  f"({type(error).__name__}: {error}); restart the run") from error
+        except CheckpointError as error:
+            raise CheckpointError(f"finished layer {name!r}: {error}; restart the run") from error
+        return _module_from_files(name, record["entry"], files), record["report"]
+
+    def record(self, name: str, module: CompressedModule, report: dict[str, Any]) -> CompressedModule:
+        """Write the finished layer ``name`` (tensors, then its entry) and return the module
+        rebuilt from what was written (what a resumed run will load)."""
+        entry, files, rebuilt = _packed_module(name, module)
+        tensors_path, entry_path = self._paths(name)
+        _write_atomically(tensors_path, lambda target: save_file(files, str(target)))
+        text = json.dumps({"entry": entry, "sha256": _sha256(tensors_path), "report": report},
+                          indent=1, allow_nan=False)
+        _write_atomically(entry_path, lambda target: target.write_text(text, encoding="utf-8"))
+        return rebuilt
+
+
+def discard_run(directory: str | os.PathLike[str]) -> None:
+    """Remove the journal of the run in ``directory`` (``run.json`` and the finished layers),
+    once its checkpoint is saved; nothing else there is touched."""
+    directory = Path(directory)
+    shutil.rmtree(directory / _LAYERS, ignore_errors=True)
+    (directory / RUN_NAME).unlink(missing_ok=True)
