@@ -22,11 +22,12 @@ import inspect
 import os
 import pkgutil
 
-import matfactor
-
-# The examples run on one thread: they are small, and the machine may be shared.
+# The examples run on one thread: they are small, and the machine may be shared. (Set before
+# NumPy is first imported, which starts its BLAS threads.)
 for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
+
+import matfactor
 
 project = "matfactor"
 author = "the matfactor authors"
@@ -44,13 +45,13 @@ extensions = [
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build", "figures/data"]
-suppress_warnings = ["config.cache"]  # autosummary_context holds functions: never cached, always fresh
 templates_path = ["_templates"]
 html_theme = "furo"
 html_title = f"matfactor {release}"
 
 myst_enable_extensions = ["dollarmath", "colon_fence"]
 myst_heading_anchors = 3
+myst_update_mathjax = False  # leave mathjax's settings alone: the same for every builder
 
 autosummary_generate = True
 autosummary_ignore_module_all = False
@@ -180,8 +181,9 @@ def _documented_name(app, env, node, contnode):
     """Resolve a Python reference to a name documented elsewhere: a docstring that writes
     ``matfactor.svd.truncated_svd`` (or ``truncated_svd`` inside ``matfactor.svd``) links to
     ``matfactor.truncated_svd``, where it is documented."""
+    module = node.get("py:module") or ""
     if node.get("refdomain") != "py" or not node["reftarget"].startswith(("matfactor", "~matfactor")) \
-            and not node.get("py:module", "").startswith("matfactor"):
+            and not module.startswith("matfactor"):
         return None
     target = node["reftarget"].lstrip("~.")
     candidates = [target] + [f"{node[key]}.{target}" for key in ("py:class", "py:module") if node.get(key)]
@@ -214,9 +216,10 @@ def setup(app):
     app.connect("missing-reference", _documented_name)
 
 
+# What the templates need, computed once here (plain data, so that Sphinx can cache the
+# configuration and a second build reuses the first one's environment).
 autosummary_context = {
-    "documented_here": documented_here,
-    "documented_elsewhere": documented_elsewhere,
-    "groups": groups,
-    "submodules": _submodules,
+    "api": {name: {"here": documented_here(name), "elsewhere": documented_elsewhere(name),
+                   "groups": groups(name), "submodules": _submodules(name)}
+            for name in _all_modules()},
 }
