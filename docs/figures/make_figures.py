@@ -384,7 +384,8 @@ def plot_fidelity(plt: Any, out: Path) -> None:
     first = records[0]
     _footer(figure, f"Data: benchmarks/results/model_fidelity.jsonl (python -m benchmarks.model_fidelity): "
             f"{first['calibration_texts']} calibration texts, {first['n_texts']} held-out pydoc "
-            f"paragraphs, method defaults (sparse_lowrank 20 alternations). Machine: "
+            f"paragraphs, method defaults (sparse_lowrank 20 alternations); one-shot only at 0.3 and 0.5. "
+            f"Machine: "
             f"{first['machine']}, {first['threads']} torch thread per run, shared 2-core CPU.")
     figure.tight_layout(rect=(0, 0.05, 1, 1))
     figure.savefig(out / "model_fidelity.png", dpi=110)
@@ -461,6 +462,15 @@ def tables() -> str:
             lines.append(f"| {record['d']}, {record['density']} | {record['pifa_over_dense']:.2f} | "
                          f"{record['lowrank_over_dense']:.2f} | {record['pifa_over_lowrank_same_density']:.2f} "
                          f"| {record['pifa_over_lowrank_same_rank']:.2f} |")
+    fidelity = [json.loads(line) for line in FIDELITY.read_text().splitlines()]
+    sequential = sorted({r["density"] for r in fidelity if r["mode"] == "sequential"})
+    lines += ["", "| method | " + " | ".join(f"{d} sequential" for d in sequential) + " |",
+              "|---|" + "---|" * len(sequential)]
+    for method in METHODS:
+        cells = [next((f"{r['mean_cosine']:.4f} ({r['neighbour_agreement']:.0%})" for r in fidelity
+                       if r["method"] == method and r["density"] == d and r["mode"] == "sequential"), "–")
+                 for d in sequential]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
