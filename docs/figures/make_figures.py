@@ -10,8 +10,9 @@ Four figures, each from data measured here or committed by a benchmark run:
 ``tradeoff.png``
     Time against error at density 0.5 on the same layers: DSF for several outer iteration counts,
     HASSLE-free (:func:`matfactor.sparse_plus_lowrank`) against OATS (its ``hessian="diagonal"``
-    variant) for several alternation counts, and the one-call methods as points. Time is in units
-    of one ``sparsegpt_prune`` call on the same layer, measured in the same run. Data:
+    variant) for several alternation counts, and the one-call methods as points. Time (CPU time of
+    one thread) is in units of one ``sparsegpt_prune`` call on the same layer, measured in the same
+    run. Data:
     ``data/tradeoff.json``.
 ``model_fidelity.png``
     End-to-end fidelity of the compressed model against density, from the committed results of
@@ -29,7 +30,9 @@ Every figure names on it the machine and the data it came from. Run from the rep
     python docs/figures/make_figures.py --tables        # the tables of "Choosing a method"
 
 Measurements run on one thread (the script sets the BLAS and torch thread counts itself); run
-it under ``nice`` on a shared machine. It takes a few minutes on one core.
+it under ``nice`` on a shared machine. It took about 25 minutes of wall time on a busy 2-core
+machine (each data file records its own). Solve times are CPU times of the process and forward
+times medians of interleaved repeats, and only their ratios within one run are reported.
 """
 
 from __future__ import annotations
