@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sphinx") is None,
-                                reason="Sphinx is not installed (pip install -e '.[docs]')")
+                                reason="Sphinx is not installed (pip install -e '.[hf,docs]')")
 
 
 def _environment() -> dict[str, str]:
