@@ -151,8 +151,17 @@ def _dask_client(address: str | None, workers: int) -> Iterator[Any]:
     except ImportError as missing:
         raise ImportError(f"the Dask executor needs the dask extra: pip install -e \".[dask]\" "
                           f"({missing})") from missing
+    import dask
+
     with contextlib.ExitStack() as stack:
         if address is None:
+            # Dask starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which fixes glibc's mmap
+            # threshold: every array then comes from fresh, zeroed pages. That made a DSF solve
+            # of a 384 x 384 layer 2.1 times slower (5.1 s against 2.5 s in a process pool).
+            environment = {key: value for key, value in
+                           dask.config.get("distributed.nanny.pre-spawn-environ").items()
+                           if key != "MALLOC_TRIM_THRESHOLD_"}
+            stack.enter_context(dask.config.set({"distributed.nanny.pre-spawn-environ": environment}))
             cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1,
                                                        processes=True, dashboard_address=None))
             yield stack.enter_context(Client(cluster))
@@ -173,7 +182,9 @@ def dask_executor(address: str | None = None, *, workers: int = 1) -> Iterator[E
         Worker processes of the local cluster (ignored with ``address``).
 
     Tasks are submitted with ``pure=False`` (each solve is its own task; hashing the arrays to
-    deduplicate them would cost time for nothing).
+    deduplicate them would cost time for nothing). The local cluster's workers start without
+    Dask's ``MALLOC_TRIM_THRESHOLD_``, which doubles the time of a solve (see the guide); start
+    the workers of a remote cluster without it too.
     """
     with _dask_client(address, workers) as client:
         yield client.get_executor(pure=False)
@@ -203,6 +214,7 @@ class RayExecutor(Executor):
         self._shutdown = False
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` as a Ray task; return a future of its result."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if fn not in self._remote:  # register each function with Ray once

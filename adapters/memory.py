@@ -506,7 +506,8 @@ class MemoryPlan:
                          f"{format_bytes(row.live):>11} live, {format_bytes(row.bytes):>10} reserved  "
                          f"({len(row.layers)} layers)")
         if self.limit is not None:
-            lines.append(f"  a solve may use {format_bytes(self.limit)} ({self.limit_source}): fits")
+            verdict = "fits" if self.peak <= self.limit else "does NOT fit"
+            lines.append(f"  a solve may use {format_bytes(self.limit)} ({self.limit_source}): {verdict}")
         else:
             lines.append(f"  not checked ({self.limit_source})")
         return "\n".join(lines)

@@ -4,22 +4,22 @@ Each method maps a layer's ``(d_in, d_out)`` weight ``W`` and its calibration st
 call of the core (:mod:`matfactor`), with the budget given as a density (kept fraction of the
 dense parameters) or, for the low-rank family, a rank:
 
-================== =============================================== =====================
-method             core call                                       budget
-================== =============================================== =====================
-``magnitude``      :func:`matfactor.magnitude_prune`               density or n:m
-``wanda``          :func:`matfactor.wanda_prune`                   density or n:m
-``sparsegpt``      :func:`matfactor.sparsegpt_prune`               density or n:m
-``admm``           :func:`matfactor.admm_prune`                    density or n:m
-``dsf``            :func:`matfactor.double_sparse`                 density
-``lowrank``        :func:`matfactor.truncated_svd` (data free)     rank or density
-``weighted_lowrank`` :func:`matfactor.weighted_lowrank`            rank or density
-``pifa``           weighted low rank, then                         rank or density
-                   :func:`matfactor.pifa_from_factors`             (PIFA's count)
-``mpifa``          :func:`matfactor.mpifa` (two-stream statistics) rank or density
-``sparse_lowrank`` :func:`matfactor.sparse_plus_lowrank`           density (+ rank or
-                                                                   ``rank_ratio``)
-================== =============================================== =====================
+==================== =============================================== =====================
+method               core call                                       budget
+==================== =============================================== =====================
+``magnitude``        :func:`matfactor.magnitude_prune`               density or n:m
+``wanda``            :func:`matfactor.wanda_prune`                   density or n:m
+``sparsegpt``        :func:`matfactor.sparsegpt_prune`               density or n:m
+``admm``             :func:`matfactor.admm_prune`                    density or n:m
+``dsf``              :func:`matfactor.double_sparse`                 density
+``lowrank``          :func:`matfactor.truncated_svd` (data free)     rank or density
+``weighted_lowrank`` :func:`matfactor.weighted_lowrank`              rank or density
+``pifa``             weighted low rank, then                         rank or density
+                     :func:`matfactor.pifa_from_factors`             (PIFA's count)
+``mpifa``            :func:`matfactor.mpifa` (two-stream statistics) rank or density
+``sparse_lowrank``   :func:`matfactor.sparse_plus_lowrank`           density (+ rank or
+                                                                     ``rank_ratio``)
+==================== =============================================== =====================
 
 A density budget counts stored values: ``nnz`` for sparse matrices, ``r (d_in + d_out)`` for two
 factors and ``r (d_in + d_out − r)`` for PIFA, as each paper does. For ``sparse_lowrank`` the

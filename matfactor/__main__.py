@@ -5,6 +5,7 @@
 (default: DSF at density 0.5 on every linear layer of the encoder, 256 calibration texts),
 prints the per-layer report, writes a compressed checkpoint and reports the end-to-end fidelity
 of the saved model on held-out text. ``matfactor evaluate`` compares a saved checkpoint with its dense model.
+``matfactor plan`` prints the memory one layer solve of each method needs at a model's sizes.
 
 The command sits above the core and the adapters (it needs the ``hf`` extra:
 ``pip install -e ".[hf]"``); nothing imports it.
@@ -99,7 +100,7 @@ def _device(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser (``matfactor compress ...``, ``matfactor evaluate ...``)."""
     parser = argparse.ArgumentParser(prog="matfactor", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{compress,evaluate}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{compress,evaluate,plan}")
 
     compress = commands.add_parser(
         "compress", help="compress a model and save a checkpoint",
@@ -173,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a directory written by 'matfactor compress'")
     evaluate.add_argument("--texts", type=_existing_file, metavar="TEXTFILE",
                           help="texts, one per line (default: pydoc topics, held-out half)")
+    plan = commands.add_parser(
+        "plan", help="the memory one layer solve of each method needs at a model's sizes",
+        description="For every method (or one), the peak memory one layer solve needs on its device "
+                    "at the sizes of the model's layers, and whether it fits what a solve may use.")
+    plan.add_argument("--model", type=_existing_dir, metavar="DIR",
+                      help="Hugging Face model directory (default: all-MiniLM-L6-v2)")
+    plan.add_argument("--method", choices=_METHODS, help="one method (default: every method)")
+    plan.add_argument("--density", type=_fraction(zero_allowed=False), default=0.5,
+                      help="kept fraction of each layer's parameters (default 0.5)")
+    plan.add_argument("--device", type=_device, help="device of the solves (default: cpu)")
+    plan.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                      help="concurrent solves sharing the device (default 1)")
+    plan.add_argument("--memory-limit", type=_byte_count, metavar="SIZE",
+                      help="memory one layer solve may use (default: the device's available "
+                           "memory shared by the workers)")
     return parser
 
 
@@ -271,6 +287,27 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(embedding_fidelity(dense, compressed, held_out))
 
 
+def _plan(args: argparse.Namespace) -> None:
+    import torch
+
+    from matfactor.adapters import Recipe, compression_plan
+    from matfactor.adapters.text import default_model_dir, load_text_model
+
+    model, _ = load_text_model(args.model or default_model_dir())
+    device = torch.device(args.device) if args.device else next(model.parameters()).device
+    refused = []
+    for method in [args.method] if args.method else _METHODS:
+        plan = compression_plan(model, Recipe.single(method, density=args.density), device=device,
+                                concurrent=args.workers, memory_limit=args.memory_limit)
+        print(plan.format_table().replace("memory plan", f"{method} at density {args.density}: memory plan"))
+        try:
+            plan.check()
+        except MemoryError as error:
+            refused.append(f"{method}: {error}")
+    for line in refused:
+        print(f"does not fit: {line}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``matfactor`` console script and of ``python -m matfactor``."""
     parser = build_parser()
@@ -278,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "compress":
             _compress(args, parser)
+        elif args.command == "plan":
+            _plan(args)
         else:
             _evaluate(args)
     except ImportError as missing:

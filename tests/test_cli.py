@@ -104,3 +104,16 @@ def test_console_script_and_module_agree():
     for command in (["matfactor", "--help"], [sys.executable, "-m", "matfactor", "--help"]):
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         assert "{compress,evaluate}" in result.stdout
+
+
+def test_plan_reports_every_method_and_what_does_not_fit(tiny_model_dir, capsys):
+    main(["plan", "--model", str(tiny_model_dir), "--workers", "2"])
+    printed = capsys.readouterr().out
+    for method in ("magnitude", "dsf", "mpifa", "sparse_lowrank"):
+        assert f"{method} at density 0.5: memory plan on cpu" in printed
+    assert "shared by 2 concurrent solves): fits" in printed and "does not fit" not in printed
+    main(["plan", "--model", str(tiny_model_dir), "--method", "dsf", "--memory-limit", "1MiB"])
+    printed = capsys.readouterr().out
+    assert "(memory_limit): does NOT fit" in printed
+    assert "does not fit: dsf: layer 'encoder.layer.0.intermediate.dense'" in printed \
+        or "does not fit: dsf: layer 'encoder.layer.0.output.dense'" in printed
