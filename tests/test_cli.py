@@ -103,7 +103,7 @@ def test_library_errors_are_reported_not_raised(tiny_model_dir, tmp_path, capsys
 def test_console_script_and_module_agree():
     for command in (["matfactor", "--help"], [sys.executable, "-m", "matfactor", "--help"]):
         result = subprocess.run(command, capture_output=True, text=True, check=True)
-        assert "{compress,evaluate}" in result.stdout
+        assert "{compress,evaluate,plan}" in result.stdout
 
 
 def test_plan_reports_every_method_and_what_does_not_fit(tiny_model_dir, capsys):
