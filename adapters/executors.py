@@ -190,12 +190,18 @@ def dask_executor(address: str | None = None, *, workers: int = 1) -> Iterator[E
         yield client.get_executor(pure=False)
 
 
+def _call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``: the body of every task of a :class:`RayExecutor`."""
+    return fn(*args, **kwargs)
+
+
 class RayExecutor(Executor):
     """A :class:`concurrent.futures.Executor` that runs each call as a Ray task.
 
-    ``submit(fn, *args)`` runs ``ray.remote(fn).remote(*args)`` with ``num_cpus`` CPUs reserved
-    per task, and returns the task's object reference as a ``concurrent.futures.Future``
-    (``ObjectRef.future()``). Ray retries a task whose worker died (``max_retries``).
+    ``submit(fn, *args)`` runs ``fn(*args)`` (any picklable callable) in a Ray task with
+    ``num_cpus`` CPUs reserved per task, and returns the task's object reference as a
+    ``concurrent.futures.Future`` (``ObjectRef.future()``). Ray retries a task whose worker
+    died (``max_retries``).
 
     Parameters
     ----------
@@ -208,18 +214,16 @@ class RayExecutor(Executor):
     def __init__(self, *, num_cpus: int = 1, max_retries: int = 3) -> None:
         import ray
 
-        self._ray = ray
-        self._options = {"num_cpus": num_cpus, "max_retries": max_retries}
-        self._remote: dict[Callable[..., Any], Any] = {}
+        # One remote function that calls what it is given: ``ray.remote`` itself accepts only
+        # Python functions, not builtins, partials or other callables an Executor must take.
+        self._remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(_call)
         self._shutdown = False
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` as a Ray task; return a future of its result."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        if fn not in self._remote:  # register each function with Ray once
-            self._remote[fn] = self._ray.remote(**self._options)(fn)
-        return self._remote[fn].remote(*args, **kwargs).future()
+        return self._remote.remote(fn, *args, **kwargs).future()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._shutdown = True
@@ -238,6 +242,11 @@ def ray_executor(address: str | None = None, *, workers: int = 1,
     workers, threads
         Concurrent solves and CPUs per solve on the local instance (``threads`` is also each
         task's CPU reservation on a remote cluster).
+
+    Notes
+    -----
+    The local instance's workers run at the caller's priority (Ray's default is 15 nice levels
+    lower, which left the solves only part of a core whenever anything else ran).
     """
     try:
         import ray
@@ -247,7 +256,11 @@ def ray_executor(address: str | None = None, *, workers: int = 1,
     started = not ray.is_initialized()
     if started:
         if address is None:
-            ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False)
+            # Ray starts its workers 15 nice levels below the driver, so that anything else on
+            # the machine takes their CPU first; a local instance here exists to run the solves,
+            # so its workers keep the caller's priority, as a process pool's and Dask's do.
+            ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False,
+                     _system_config={"worker_niceness": 0})
         else:
             ray.init(address=address, log_to_driver=False)
     try:
