@@ -41,9 +41,13 @@ The budget terms (:func:`llama_budget`):
 Measured (2-core AMD EPYC VM shared with 2-4 other CPU-bound jobs, one thread, torch 2.13 CPU,
 transformers 5.24; ``python -m benchmarks.bench_model --show benchmarks/results/bench_model.jsonl``):
 
-- main job with the default 256 calibration texts, idle machine, two threads: 148.0 s wall,
-  287 s CPU, peak RSS 1259 MiB (solves 71.3 s); the 128-text job before it: 127.8 s, 1167 MiB.
-  The figures below are the 128-text job on one thread on the loaded machine.
+- main job with its defaults (256 calibration texts, a pool of two single-thread solve workers),
+  idle machine, two threads in the main process: 180.5 s wall, 230 s CPU, peak 1295 MiB summed
+  over the three processes (solves 102.6 s); in the same session with ``--options --workers 1
+  --threads 2`` (solves in the main process on two threads, as the command did before it had
+  workers): 131.1 s, 243 s CPU, 1037 MiB (solves 64.7 s). Earlier, before the workers: 148.0 s,
+  1259 MiB; the 128-text job 127.8 s, 1167 MiB. The figures below are the 128-text job on one
+  thread on the loaded machine.
 - main job: 405 s wall, 285 s CPU, peak RSS 1144 MiB; profiled again after a pipeline change:
   383 s wall, 301 s CPU, 1040 MiB. CPU time by step: layer solves 123 s (intermediate.dense 35,
   output.dense 32, the four 384 x 384 layers 13.5-14.5 each), block forward passes 60 s,
@@ -204,12 +208,13 @@ _LAYER_KINDS = ("attention.self.query", "attention.self.key", "attention.self.va
                 "attention.output.dense", "intermediate.dense", "output.dense")
 
 
-def main_job(*, threads: int = THREADS, timeout: float = 900) -> dict:
-    """Run ``python -m matfactor compress --out DIR --quiet`` once; its time, peak RSS and the
-    split of its time that its output shows (compression, and solve time per layer kind)."""
+def main_job(*, threads: int = THREADS, timeout: float = 900, options: tuple[str, ...] = ()) -> dict:
+    """Run ``python -m matfactor compress --out DIR --quiet`` (and ``options``) once; its time,
+    peak memory and the split of its time that its output shows (compression, and solve time
+    per layer kind)."""
     with tempfile.TemporaryDirectory(prefix="matfactor-main-job-") as directory:
         run = run_child([sys.executable, "-m", "matfactor", "compress", "--out",
-                         str(Path(directory) / "compressed"), "--quiet"],
+                         str(Path(directory) / "compressed"), "--quiet", *options],
                         timeout=timeout, threads=threads, cwd=directory)
     if run.returncode != 0:
         raise RuntimeError(f"the main job failed (exit status {run.returncode}"
@@ -217,7 +222,7 @@ def main_job(*, threads: int = THREADS, timeout: float = 900) -> dict:
                            f"{run.output[-4000:]}")
     result = {"seconds": run.seconds, "peak_rss_mib": run.peak_rss_mib,
               "tree_peak_pss_mib": run.tree_peak_pss_mib, "cpu_seconds": run.cpu_seconds,
-              "threads": threads}
+              "threads": threads, "options": list(options)}
     total = re.search(r"^total time ([\d.]+) s", run.output, re.M)
     compress = re.search(r"^\d+ layers \(.*; ([\d.]+) s$", run.output, re.M)
     result["reported_total_s"] = float(total.group(1)) if total else None
@@ -611,7 +616,8 @@ def _print_main_job(result: dict) -> None:
     verdict = "within" if result["seconds"] <= MAIN_JOB_LIMIT_S else "OVER"
     print(f"main job: {result['seconds']:.1f} s wall ({verdict} the {MAIN_JOB_LIMIT_S} s limit), "
           f"{result['cpu_seconds']:.1f} s CPU, peak RSS {result['peak_rss_mib']:.0f} MiB "
-          f"(largest process), {result['threads']} thread(s)")
+          f"(largest process), {result['threads']} thread(s)"
+          f"{''.join(' ' + option for option in result.get('options', []))}")
     if result.get("tree_peak_pss_mib") is not None:
         print(f"  peak memory of all its processes (summed PSS, sampled): "
               f"{result['tree_peak_pss_mib']:.0f} MiB")
@@ -659,6 +665,8 @@ def main() -> None:
     parser.add_argument("--mix", type=float, nargs="+", default=LLAMA_MIXES,
                         help="mix values of the Llama block (default 0.5 0)")
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--options", nargs=argparse.REMAINDER, default=[],
+                        help="with --main-job: more options of matfactor compress (last)")
     parser.add_argument("--json", type=Path, help="also append the results to this JSON-lines file")
     parser.add_argument("--profile", action="store_true",
                         help="profile the main job's steps (wall and CPU time of each)")
@@ -692,8 +700,8 @@ def main() -> None:
                             source=source))
         _print_profile(results[-1])
     if args.main_job or both:
-        results.append(dict(main_job(threads=args.threads), benchmark="main_job",
-                            source=source))
+        results.append(dict(main_job(threads=args.threads, options=tuple(args.options)),
+                            benchmark="main_job", source=source))
         _print_main_job(results[-1])
     if args.llama or both:
         for mix in args.mix:
