@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--density", type=_fraction(zero_allowed=False), default=0.5,
                       help="kept fraction of each layer's parameters (default 0.5)")
     plan.add_argument("--device", type=_device, help="device of the solves (default: cpu)")
-    plan.add_argument("--workers", type=_positive_int, default=1, metavar="N",
-                      help="concurrent solves sharing the device (default 1)")
+    plan.add_argument("--workers", type=_positive_int, metavar="N",
+                      help="concurrent solves sharing the device (default: as compress, the "
+                           "usable CPUs, 1 with a CUDA device)")
     plan.add_argument("--memory-limit", type=_byte_count, metavar="SIZE",
                       help="memory one layer solve may use (default: the device's available "
                            "memory shared by the workers)")
@@ -291,14 +292,16 @@ def _plan(args: argparse.Namespace) -> None:
     import torch
 
     from matfactor.adapters import Recipe, compression_plan
+    from matfactor.adapters.executors import usable_cpus
     from matfactor.adapters.text import default_model_dir, load_text_model
 
     model, _ = load_text_model(args.model or default_model_dir())
     device = torch.device(args.device) if args.device else next(model.parameters()).device
+    workers = args.workers or (usable_cpus() if device.type == "cpu" else 1)
     refused = []
     for method in [args.method] if args.method else _METHODS:
         plan = compression_plan(model, Recipe.single(method, density=args.density), device=device,
-                                concurrent=args.workers, memory_limit=args.memory_limit)
+                                concurrent=workers, memory_limit=args.memory_limit)
         print(plan.format_table().replace("memory plan", f"{method} at density {args.density}: memory plan"))
         try:
             plan.check()

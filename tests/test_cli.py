@@ -112,6 +112,11 @@ def test_plan_reports_every_method_and_what_does_not_fit(tiny_model_dir, capsys)
     for method in ("magnitude", "dsf", "mpifa", "sparse_lowrank"):
         assert f"{method} at density 0.5: memory plan on cpu" in printed
     assert "shared by 2 concurrent solves): fits" in printed and "does not fit" not in printed
+    main(["plan", "--model", str(tiny_model_dir), "--method", "dsf"])  # the workers of compress
+    from matfactor.adapters.executors import usable_cpus
+
+    cpus = usable_cpus()
+    assert (f"shared by {cpus} concurrent solves" in capsys.readouterr().out) == (cpus > 1)
     main(["plan", "--model", str(tiny_model_dir), "--method", "dsf", "--memory-limit", "1MiB"])
     printed = capsys.readouterr().out
     assert "(memory_limit): does NOT fit" in printed
