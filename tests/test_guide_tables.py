@@ -74,3 +74,24 @@ def test_fidelity_table_is_the_committed_one(page):
     table = model_fidelity.table(ROOT / "benchmarks" / "results" / "model_fidelity.jsonl")
     assert _words(table) in _words((ROOT / page).read_text(encoding="utf-8")), (
         f"{page} lacks the table of python -m benchmarks.model_fidelity --table")
+
+
+def test_scaling_table_is_the_committed_one():
+    scaling = _module("_scaling", "benchmarks/scaling.py")
+    table, identical = scaling.table(ROOT / "benchmarks" / "results" / "scaling.jsonl").split("\n\n")
+    assert _words(table) in _words((ROOT / "docs" / "guide" / "scale_out.md").read_text(encoding="utf-8")), (
+        "docs/guide/scale_out.md lacks the table of python -m benchmarks.scaling --table")
+    assert "NO" not in identical, identical
+
+
+def test_main_job_figures_are_the_committed_ones():
+    """The guide's main-job paragraph quotes the latest runs of ``bench_model --main-job``, the
+    default and ``--options --workers 1 --threads 2``."""
+    records = [json.loads(line) for line in
+               (ROOT / "benchmarks" / "results" / "bench_model.jsonl").read_text().splitlines()]
+    runs = [record for record in records if record["benchmark"] == "main_job" and "options" in record]
+    page = _words((ROOT / "docs" / "guide" / "models.md").read_text(encoding="utf-8"))
+    for options in ([], ["--workers", "1", "--threads", "2"]):
+        run = [record for record in runs if record["options"] == options][-1]
+        assert f"{run['seconds']:.1f} s" in page and f"solves {run['solve_s']:.1f} s" in page.replace(
+            "DSF solves", "solves"), (options, run["seconds"])
