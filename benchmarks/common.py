@@ -12,6 +12,8 @@ same backend, in the same process.
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from typing import Any, Callable
 
@@ -20,6 +22,22 @@ import numpy as np
 from matfactor.testing import BackendUnavailable, LayerProblem, load_backend, realistic_layer
 
 BENCH_BACKENDS = ["numpy", "torch-cpu", "torch-cuda", "cupy"]
+
+
+def machine() -> dict[str, Any]:
+    """What a measurement ran on, recorded with its data (the results of benchmarks/guide_tables.py,
+    the data and captions of docs/figures/make_figures.py)."""
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "platform": platform.platform(terse=True), "python": platform.python_version(),
+            "numpy": np.__version__, "torch": torch.__version__}
 
 
 class BackendBenchmark:

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import sys
 import time
@@ -58,21 +56,6 @@ LAYERS = {"square": (0, "attention.output.dense"), "wide": (2, "intermediate.den
           "tall": (2, "output.dense")}
 LAYER_LABELS = {"square": "L0 `attention.output.dense`", "wide": "L2 `intermediate.dense`",
                 "tall": "L2 `output.dense`"}
-
-
-def machine() -> dict[str, Any]:
-    """What the measurement ran on (as docs/figures/make_figures.py records it)."""
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "platform": platform.platform(terse=True), "python": platform.python_version(),
-            "numpy": np.__version__, "torch": torch.__version__}
 
 
 def real(role: str, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
@@ -277,6 +260,8 @@ def load(path: Path = RESULTS) -> list[dict]:
 
 def measure(names: list[str], path: Path) -> None:
     import torch
+
+    from benchmarks.common import machine
 
     torch.set_num_threads(1)
     done = {(record["table"], json.dumps(record["key"], sort_keys=True)) for record in load(path)}

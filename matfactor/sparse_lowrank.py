@@ -482,7 +482,9 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
         first call's step 0.1/11 ≈ 1e-2, the standalone default of
         :func:`~matfactor.lowrank_descent.lowrank_gd`; on real MiniLM layers and the synthetic
         layers of :mod:`matfactor.testing` (2:4 plus rank ``d/64``, 40 iterations) the final
-        error at ``η`` = 0.03–1 was within 2% of each other and 5–7% below ``η = 1e-2``.
+        error at ``η`` = 0.03–0.3 was within 2% of each other and 1–8% below ``η = 1e-2``;
+        ``η = 1`` was as good except on a tall layer, 6% worse (the guide, section 16;
+        ``python -m benchmarks.guide_tables --table eta``).
     scaled
         Low-Rank-GD in the diagonally scaled coordinates of eq. (7) (the paper's ``is_scaled``,
         default on). Changes the path of gradient descent only, not the exact step.

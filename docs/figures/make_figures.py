@@ -45,7 +45,7 @@ for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import argparse
 import json
 import math
-import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,21 +77,6 @@ STYLE = {  # colour by family: pruning blue, DSF red, low rank green, sparse plu
     "weighted_lowrank": ("#74c476", "^"), "pifa": ("#31a354", "s"), "mpifa": ("#006d2c", "x"),
     "sparse_lowrank": ("#756bb1", "P"), "oats": ("#bcbddc", "P"),
 }
-
-
-def machine() -> dict[str, Any]:
-    """What the measurements ran on, recorded with the data and printed on the figures."""
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "platform": platform.platform(terse=True), "python": platform.python_version(),
-            "numpy": np.__version__, "torch": torch.__version__}
 
 
 def machine_line(info: dict[str, Any]) -> str:
@@ -274,6 +259,9 @@ MEASUREMENTS = {"errors": ("layer_errors.json", measure_errors),
 
 def measure(name: str) -> None:
     import torch
+
+    sys.path.insert(0, str(ROOT))  # this script runs from its own folder; the benchmarks' helpers
+    from benchmarks.common import machine
 
     torch.set_num_threads(1)
     file_name, run = MEASUREMENTS[name]
