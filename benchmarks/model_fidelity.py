@@ -14,7 +14,7 @@ Run from the repository root::
 The table in the guide (section 17) was measured this way, one thread per process, with
 ``--methods sparse_lowrank --arguments '{"iters": 20}'`` for sparse plus low rank (a quarter of
 its default 80 alternations, for time). The documentation's fidelity figure adds sequential runs
-at other densities (``--densities 0.7 --modes sequential``).
+at other densities (``--densities 0.7 0.2 --modes sequential``).
 """
 
 from __future__ import annotations
