@@ -130,12 +130,12 @@ def run_child(command: list[str], *, timeout: float, threads: int = THREADS,
               cwd: str | None = None) -> ChildRun:
     """Run ``command``, wait for it with :func:`os.wait4` and return its time and peak RSS.
 
-    ``ru_maxrss`` of :func:`os.wait4` is the child's own peak (kilobytes on Linux), unlike
-    ``getrusage(RUSAGE_CHILDREN)``, the largest of every child this process ever waited for; it
-    is the largest of the child and of the children it reaped (the workers of a process pool),
-    not their sum. The sum is sampled every 0.2 s with psutil (the bench extra) as the
-    proportional set size (PSS: shared pages, such as the libraries every worker maps, divided
-    among the processes that map them, so that the sum counts them once).
+    ``ru_maxrss`` of :func:`os.wait4` is this child's peak (kilobytes on Linux), unlike
+    ``getrusage(RUSAGE_CHILDREN)``, the largest of every child this process ever waited for; where
+    the child reaped children of its own (the workers of a process pool), it is the largest of
+    their peaks and its own, not their sum. The sum is sampled every 0.2 s with psutil (the bench
+    extra) as the proportional set size (PSS: shared pages, such as the libraries every worker
+    maps, divided among the processes that map them, so that the sum counts them once).
     """
     with tempfile.TemporaryFile(mode="w+") as log:
         start = time.perf_counter()

@@ -225,7 +225,7 @@ def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     import torch
 
     from matfactor.adapters import compress_model, compression_plan, load_compressed, save_compressed
-    from matfactor.adapters.executors import open_pool, usable_cpus
+    from matfactor.adapters.executors import open_pool
     from matfactor.adapters.journal import discard_run
     from matfactor.adapters.text import (
         default_model_dir,
@@ -248,7 +248,7 @@ def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     print(f"model {model_dir} ({type(model).__name__}); {len(texts)} calibration texts, "
           f"{n_tokens} tokens; recipe {recipe.to_dict()}")
     device = torch.device(args.device) if args.device else next(model.parameters()).device
-    workers = args.workers or (usable_cpus() if device.type == "cpu" else 1)
+    workers = args.workers or _default_workers(device)
     # the plan first: a run that cannot fit is refused before a pool or cluster is started
     plan = compression_plan(model, recipe, sequential=not args.one_shot, device=device,
                             concurrent=workers, memory_limit=args.memory_limit)
@@ -288,16 +288,23 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(embedding_fidelity(dense, compressed, held_out))
 
 
+def _default_workers(device: Any) -> int:
+    """``--workers`` when not given: one single-thread solve per usable CPU; one on a GPU, whose
+    solves share its memory and run in this process."""
+    from matfactor.adapters.executors import usable_cpus
+
+    return usable_cpus() if device.type == "cpu" else 1
+
+
 def _plan(args: argparse.Namespace) -> None:
     import torch
 
     from matfactor.adapters import Recipe, compression_plan
-    from matfactor.adapters.executors import usable_cpus
     from matfactor.adapters.text import default_model_dir, load_text_model
 
     model, _ = load_text_model(args.model or default_model_dir())
     device = torch.device(args.device) if args.device else next(model.parameters()).device
-    workers = args.workers or (usable_cpus() if device.type == "cpu" else 1)
+    workers = args.workers or _default_workers(device)
     refused = []
     for method in [args.method] if args.method else _METHODS:
         plan = compression_plan(model, Recipe.single(method, density=args.density), device=device,
