@@ -13,7 +13,7 @@ text-model helpers (:mod:`~matfactor.adapters.text`). They need torch, and the H
 parts need the ``hf`` extra (``pip install -e ".[hf]"``). The core never imports this package.
 """
 
-from .checkpoint import CheckpointError, CheckpointSummary, load_compressed, save_compressed
+from .checkpoint import CheckpointError, CheckpointSummary, export_dense, load_compressed, save_compressed
 from .journal import RunMismatchError
 from .layers import is_compressible, layer_inputs, weight_matrix
 from .memory import MemoryPlan
@@ -54,6 +54,7 @@ __all__ = [
     "compress_model",
     "compressed_module",
     "compression_plan",
+    "export_dense",
     "find_blocks",
     "is_compressible",
     "layer_inputs",

@@ -3,12 +3,14 @@
 A checkpoint is a directory:
 
 ``config.json``
-    For a Hugging Face model (``transformers.PreTrainedModel``): ``model.config.save_pretrained``.
+    For a Hugging Face model (``transformers.PreTrainedModel``): ``model.config.save_pretrained``,
+    with one addition that makes ``transformers`` refuse the directory (see *Foreign loaders*).
 tokenizer files
     When a tokenizer is given (``tokenizer.save_pretrained``): ``AutoTokenizer.from_pretrained``
     reads the directory.
-``model.safetensors``
-    Every tensor. The model's state dict outside the compressed modules, under its usual names
+``matfactor.safetensors``
+    Every tensor (:data:`WEIGHTS_NAME`; ``model.safetensors`` in checkpoints of format version 1,
+    which still load). The model's state dict outside the compressed modules, under its usual names
     (a tensor tied to another one is stored once and listed as an alias); each compressed
     module's tensors under ``<module name>.<tensor>``, a sparse one packed as
     ``<module name>.<tensor>.values`` and ``<module name>.<tensor>.bitmask``.
@@ -34,7 +36,7 @@ The manifest (``format`` :data:`FORMAT`, ``format_version`` :data:`FORMAT_VERSIO
     {"format", "format_version", "matfactor_version",
      "model_class": type(model).__name__, "architectures": config.architectures or null,
      "dtype": the dtype of the model's first floating-point parameter,
-     "weights": {"file": "model.safetensors", "sha256", "bytes"},
+     "weights": {"file": "matfactor.safetensors", "sha256", "bytes"},
      "state": {key: {"shape", "dtype"}},          # the tensors outside the compressed modules
      "aliases": {key: stored key},                # tied tensors, stored once
      "modules": {module name: {
@@ -50,6 +52,17 @@ The manifest (``format`` :data:`FORMAT`, ``format_version`` :data:`FORMAT_VERSIO
                            | {"layout": "bitmask", "shape", "dtype", "nnz",
                               "values": {"key", "shape", "dtype"},
                               "bitmask": {"key", "shape", "dtype"}}}}}}
+
+Foreign loaders. ``transformers``' ``from_pretrained`` cannot rebuild compressed modules: given
+the directory of a version-1 checkpoint it reported the compressed layers' weights missing,
+initialised them at random and returned a model whose embeddings had cosine 0.10 to the dense
+one, with no error. So the weights file is not named as ``transformers`` looks for it, and
+``config.json`` names, as its ``transformers_weights`` file, a sentence saying how to load the
+directory: ``AutoModel*.from_pretrained`` and every model class's ``from_pretrained`` raise an
+error that shows it (a ``transformers`` too old to read ``transformers_weights`` finds no weights
+file and raises too). A ``quantization_config`` would not do: ``transformers`` skips an unknown
+``quant_method`` with a warning and loads the model anyway. :func:`export_dense` writes a plain
+dense copy that any loader reads.
 
 Loading checks, each failure a :class:`CheckpointError` naming the file, tensor or module: the
 manifest and weights file exist and parse; the weights' sha256 (a damaged file); every tensor of
@@ -101,14 +114,23 @@ __all__ = [
     "CheckpointError",
     "CheckpointSummary",
     "ModuleBytes",
+    "export_dense",
     "load_compressed",
     "save_compressed",
 ]
 
 FORMAT = "matfactor-compressed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "matfactor.json"
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = "matfactor.safetensors"
+#: The weights file of each format version this matfactor reads.
+_WEIGHTS_FILES = {1: "model.safetensors", 2: WEIGHTS_NAME}
+#: ``config.json``'s ``transformers_weights``: what ``transformers.from_pretrained`` shows when it
+#: refuses the directory (see *Foreign loaders* in the module docstring).
+FOREIGN_LOADER_MESSAGE = ("this is a matfactor checkpoint of compressed layers, which transformers "
+                          "cannot load: load it with matfactor.adapters.load_compressed(path), or "
+                          "write a dense copy that transformers loads with 'matfactor export "
+                          "--compressed DIR --out DENSE_DIR' (matfactor.adapters.export_dense)")
 
 #: Per kind of compressed (linear or convolution) module: its packed tensors and its dense ones,
 #: by attribute name.
@@ -274,13 +296,37 @@ def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     ``target``: readers see the old file or the complete new one, never a partial one."""
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        write(temporary)
+        try:
+            write(temporary)
+        except SafetensorError as error:  # e.g. a full disk, reported by the Rust writer
+            raise OSError(f"cannot write {target}: {error}") from error
+        except OSError as error:  # the message names the file (a full disk's does not)
+            raise OSError(error.errno, f"cannot write {target}: {error.strerror or error}") from error
+        # safetensors creates its files readable by the owner only; every file of a checkpoint
+        # gets the mode of any new file (0644 under the usual umask)
+        os.chmod(temporary, 0o666 & ~_umask())
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(temporary, target)
         _fsync_directory(target.parent)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _guard_config(config_path: Path) -> None:
+    """Name :data:`FOREIGN_LOADER_MESSAGE` as ``config.json``'s ``transformers_weights`` (which
+    ``save_pretrained`` never writes), so that ``from_pretrained`` refuses the checkpoint."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["transformers_weights"] = FOREIGN_LOADER_MESSAGE
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _write_atomically(config_path, lambda target: target.write_text(text, encoding="utf-8"))
+
+
+def _umask() -> int:
+    """The process's file mode creation mask (reading it means setting it: set it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -433,6 +479,14 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *,
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     manifest_path = path / MANIFEST_NAME
+    if manifest_path.is_file():
+        # a version-1 checkpoint saved over: its weights file is one transformers would read
+        try:
+            version = json.loads(manifest_path.read_text(encoding="utf-8")).get("format_version")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            version = None
+        if version == 1:
+            (path / _WEIGHTS_FILES[1]).unlink(missing_ok=True)
     # An earlier manifest must not vouch for the files about to be rewritten.
     manifest_path.unlink(missing_ok=True)
     for name in (WEIGHTS_NAME, MANIFEST_NAME):  # temporaries of a save that was killed
@@ -456,6 +510,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *,
     if transformers is not None and isinstance(model, transformers.PreTrainedModel):
         config = model.config
         config.save_pretrained(path)
+        _guard_config(path / "config.json")
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
@@ -500,10 +555,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{manifest_path} is not a readable JSON manifest: {error}") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path} is not a {FORMAT!r} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in _WEIGHTS_FILES:
         raise CheckpointError(f"{manifest_path} has format_version "
                               f"{manifest.get('format_version')!r}; this matfactor reads "
-                              f"version {FORMAT_VERSION}")
+                              f"versions {', '.join(map(str, _WEIGHTS_FILES))}")
     for key, kind in (("weights", dict), ("state", dict), ("aliases", dict), ("modules", dict)):
         if not isinstance(manifest.get(key), kind):
             raise CheckpointError(f"{manifest_path}: {key!r} is missing or not a {kind.__name__}")
@@ -511,7 +566,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 
 def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    weights_path = path / WEIGHTS_NAME
+    weights_path = path / _WEIGHTS_FILES[manifest["format_version"]]
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path} is missing")
     if _sha256(weights_path) != manifest["weights"].get("sha256"):
@@ -650,7 +705,7 @@ def _new_model(path: Path, manifest: dict[str, Any]) -> nn.Module:
     if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
         raise CheckpointError(f"{path / MANIFEST_NAME}: dtype {dtype!r} is not a torch dtype")
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path)  # keeps FOREIGN_LOADER_MESSAGE
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path / 'config.json'} is not a readable config: {error}") from error
     return model_class._from_config(config, dtype=None if dtype is None else getattr(torch, dtype))
@@ -762,3 +817,62 @@ def load_compressed(path: str | os.PathLike[str], *, model: nn.Module | None = N
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def export_dense(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Write a dense copy of a Hugging Face checkpoint that plain ``transformers`` loads.
+
+    Each compressed module's ``Ŵ`` is written back as the weight of the layer it replaced (of that
+    layer's type: ``nn.Linear``, ``Conv1D``, ``nn.Conv2d``), so that ``from_pretrained`` of the
+    model's class (or ``AutoModel*``) gives a model whose outputs are the compressed model's up to
+    rounding, for serving with runtimes that do not know matfactor. It takes the dense model's
+    bytes: the compression is in the values, not the storage.
+
+    Parameters
+    ----------
+    path
+        A checkpoint written by :func:`save_compressed` from a ``transformers`` model.
+    out
+        The directory of the dense copy (created if needed): ``config.json`` (without the
+        foreign-loader guard), ``model.safetensors``, the generation config where the model has
+        one, and the tokenizer when the checkpoint holds one.
+
+    Returns
+    -------
+    Path
+        ``out``.
+
+    Raises
+    ------
+    CheckpointError
+        ``path`` is not a loadable checkpoint of a ``transformers`` model.
+    ValueError
+        ``out`` is ``path`` itself (the checkpoint would be overwritten).
+    """
+    from .layers import set_weight_matrix
+
+    path, out = Path(path), Path(out)
+    if out.resolve() == path.resolve():
+        raise ValueError(f"out must differ from path: the dense copy would overwrite the checkpoint {path}")
+    manifest = _read_manifest(path)
+    compressed = load_compressed(path)
+    dense = _new_model(path, manifest)
+    prefixes = tuple(f"{name}." for name in manifest["modules"])
+    state = {key: value for key, value in compressed.state_dict().items() if not key.startswith(prefixes)}
+    with torch.no_grad():
+        for name in manifest["modules"]:
+            module, layer = compressed.get_submodule(name), dense.get_submodule(name)
+            set_weight_matrix(layer, module.dense_weight())
+            state[f"{name}.weight"] = layer.weight
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias
+    dense.load_state_dict(state, strict=True)
+    if getattr(dense.config, "transformers_weights", None) == FOREIGN_LOADER_MESSAGE:
+        del dense.config.transformers_weights
+    out.mkdir(parents=True, exist_ok=True)
+    dense.save_pretrained(out)
+    if (path / "tokenizer_config.json").is_file():
+        import transformers
+
+        transformers.AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    return out

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from matfactor.adapters.checkpoint import (
     MANIFEST_NAME,
     WEIGHTS_NAME,
     CheckpointError,
+    export_dense,
     load_compressed,
     save_compressed,
 )
@@ -196,7 +199,7 @@ def test_bert_loads_into_a_given_model_and_converts(bert_checkpoint):
 def test_manifest_describes_the_file(bert_checkpoint):
     model, _, path, summary = bert_checkpoint
     manifest = read_manifest(path)
-    assert manifest["format"] == "matfactor-compressed" and manifest["format_version"] == 1
+    assert manifest["format"] == "matfactor-compressed" and manifest["format_version"] == 2
     assert manifest["model_class"] == "BertModel" and manifest["dtype"] == "float32"
     weights = path / WEIGHTS_NAME
     assert manifest["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -292,7 +295,7 @@ def assert_untouched_after_failure(path: Path, match: str, **kwargs) -> None:
 
 def test_missing_files(checkpoint_copy):
     (checkpoint_copy / WEIGHTS_NAME).unlink()
-    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+    with pytest.raises(CheckpointError, match="matfactor.safetensors is missing"):
         load_compressed(checkpoint_copy)
     (checkpoint_copy / MANIFEST_NAME).unlink()
     with pytest.raises(CheckpointError, match="matfactor.json is missing"):
@@ -304,13 +307,13 @@ def test_flipped_byte_is_damage(checkpoint_copy):
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
-    assert_untouched_after_failure(checkpoint_copy, "model.safetensors is damaged: its sha256")
+    assert_untouched_after_failure(checkpoint_copy, "matfactor.safetensors is damaged: its sha256")
 
 
 def test_truncated_file_is_damage(checkpoint_copy):
     weights = checkpoint_copy / WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="model.safetensors is damaged"):
+    with pytest.raises(CheckpointError, match="matfactor.safetensors is damaged"):
         load_compressed(checkpoint_copy)
 
 
@@ -330,14 +333,14 @@ def test_manifest_shape_edited(checkpoint_copy):
     write_manifest(checkpoint_copy, manifest)
     assert_untouched_after_failure(checkpoint_copy, rf"module '{PIFA}', tensor 'C': tensor "
                                    rf"'{PIFA}.C' is float32 of shape \[8, 24\] in "
-                                   r"model.safetensors, but the manifest says float32 of shape "
+                                   r"matfactor.safetensors, but the manifest says float32 of shape "
                                    r"\[8, 25\]")
 
 
 def test_deleted_extra_and_retyped_tensors(checkpoint_copy):
     rewrite_weights(checkpoint_copy, lambda t: t.pop(f"{PIFA}.W_p"))
     assert_untouched_after_failure(checkpoint_copy, rf"tensor '{PIFA}.W_p' is missing from "
-                                   "model.safetensors")
+                                   "matfactor.safetensors")
     rewrite_weights(checkpoint_copy, lambda t: t.update({f"{PIFA}.W_p": torch.zeros(32, 8),
                                                          "stowaway": torch.zeros(3)}))
     assert_untouched_after_failure(checkpoint_copy, r"tensors the manifest does not describe: "
@@ -417,3 +420,54 @@ def test_malformed_or_foreign_manifest(checkpoint_copy):
     (checkpoint_copy / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(CheckpointError, match="not a readable JSON manifest"):
         load_compressed(checkpoint_copy)
+
+
+# --------------------------------------------------------------------------- foreign loaders, dense export
+
+
+@pytest.mark.parametrize("loader", ["AutoModel", "BertModel", "AutoModelForMaskedLM"])
+def test_transformers_refuses_a_checkpoint_and_says_how_to_load_it(bert_checkpoint, loader):
+    """``from_pretrained`` of a compressed checkpoint raises, naming load_compressed and the
+    dense export, instead of returning a model with randomly initialised layers."""
+    path = bert_checkpoint[2]
+    with pytest.raises((ValueError, OSError)) as refusal:
+        getattr(transformers, loader).from_pretrained(path)
+    message = str(refusal.value)
+    assert "matfactor.adapters.load_compressed" in message and "matfactor export" in message
+    assert transformers.AutoConfig.from_pretrained(path).hidden_size == BERT["hidden_size"]
+    assert transformers.AutoTokenizer.from_pretrained(path)("the value")["input_ids"]
+
+
+def test_dense_export_loads_in_plain_transformers(bert_checkpoint, tmp_path):
+    model, _, path, _ = bert_checkpoint
+    out = export_dense(path, tmp_path / "dense")
+    dense = transformers.AutoModel.from_pretrained(out).eval()
+    assert type(dense) is transformers.BertModel
+    assert not any(isinstance(module, CompressedModule) for module in dense.modules())
+    torch.testing.assert_close(bert_output(dense), bert_output(model), rtol=1e-5, atol=1e-6)
+    # the zeros of the compressed layers are in the dense copy's weights
+    assert torch.equal(dense.get_submodule(PRUNED).weight == 0, model.get_submodule(PRUNED).weight == 0)
+    assert transformers.AutoTokenizer.from_pretrained(out)("the value")["input_ids"]
+    with pytest.raises(ValueError, match="out must differ from path"):
+        export_dense(path, path)
+
+
+def test_every_file_gets_the_mode_of_a_new_file(bert_checkpoint):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {file.name: stat.S_IMODE(file.stat().st_mode) for file in bert_checkpoint[2].iterdir()}
+    assert WEIGHTS_NAME in modes and MANIFEST_NAME in modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_version_1_checkpoints_still_load(bert_checkpoint, checkpoint_copy):
+    """Checkpoints of format version 1 (weights in model.safetensors) load as before."""
+    (checkpoint_copy / WEIGHTS_NAME).rename(checkpoint_copy / "model.safetensors")
+    manifest = read_manifest(checkpoint_copy)
+    write_manifest(checkpoint_copy, {**manifest, "format_version": 1,
+                                     "weights": {**manifest["weights"], "file": "model.safetensors"}})
+    torch.testing.assert_close(bert_output(load_compressed(checkpoint_copy)),
+                               bert_output(bert_checkpoint[0]), rtol=0, atol=0)
+    save_compressed(load_compressed(checkpoint_copy), checkpoint_copy)  # saved over: version 2
+    assert not (checkpoint_copy / "model.safetensors").exists()
+    assert read_manifest(checkpoint_copy)["format_version"] == 2
