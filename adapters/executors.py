@@ -28,8 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import threading
+import types
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -38,9 +43,9 @@ import torch
 
 from matfactor import ReconstructionStatistics
 
-from .methods import LayerSolution, solve_layer
+from .methods import LayerSolution, reduce_by_value, solve_layer
 
-__all__ = ["LayerTask", "Pool", "RayExecutor", "dask_executor", "open_pool", "process_pool",
+__all__ = ["LayerTask", "Pool", "RayExecutor", "SolvePool", "dask_executor", "open_pool", "process_pool",
            "ray_executor", "run_task", "usable_cpus"]
 
 
@@ -82,6 +87,8 @@ class LayerTask:
     seed: int
     threads: int
     device: str
+
+    __reduce__ = reduce_by_value  # see its docstring: no file descriptors between processes
 
 
 @contextlib.contextmanager
@@ -134,18 +141,101 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def process_pool(workers: int) -> ProcessPoolExecutor:
+def _end_with_parent() -> None:
+    """End this worker process the moment its parent process is gone.
+
+    A pool worker otherwise outlives a parent killed by SIGKILL (no exit handler runs there):
+    it waits on its task queue forever, holding its memory, and keeps multiprocessing's resource
+    tracker alive too. The parent's sentinel (a pipe whose other end only the parent holds)
+    becomes readable when the parent dies, however it dies.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def wait_for_parent() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=wait_for_parent, name="matfactor-parent-watch", daemon=True).start()
+
+
+def _start_worker() -> None:
+    """Initializer of every :func:`process_pool` worker.
+
+    Ctrl-C in a terminal sends SIGINT to the whole process group: the parent handles it and ends
+    the pool, so a worker ignores it (instead of printing a ``KeyboardInterrupt`` traceback of
+    its own); and a worker ends when its parent is gone (:func:`_end_with_parent`).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _end_with_parent()
+
+
+class SolvePool(ProcessPoolExecutor):
+    """The ``ProcessPoolExecutor`` of :func:`process_pool`: its workers end with their parent,
+    ignore Ctrl-C, and are ended at once when the ``with`` body raises (Ctrl-C included), rather
+    than after the solves in progress finish."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """``ProcessPoolExecutor.submit``; a worker it starts ignores SIGINT from its first
+        instruction (the initializer runs only once torch is imported, seconds later)."""
+        with _started_ignoring_sigint():
+            return super().submit(fn, *args, **kwargs)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: types.TracebackType | None) -> bool:
+        if exc_type is not None:
+            self.terminate_workers()
+        return super().__exit__(exc_type, exc, traceback)
+
+    def terminate_workers(self) -> None:
+        """Cancel the pending solves and end the workers now (a solve in progress is lost)."""
+        terminate = getattr(super(), "terminate_workers", None)  # Python 3.14 and newer
+        if terminate is not None:
+            terminate()
+            return
+        processes = list((self._processes or {}).values())
+        self.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join()
+
+
+def process_pool(workers: int) -> SolvePool:
     """A local pool of ``workers`` spawned processes for :class:`LayerTask` solves.
 
     Spawned rather than forked: a fork of a process whose torch thread pools are running can
     deadlock. Each worker imports torch and matfactor on its first task (seconds), then solves
-    one layer at a time.
+    one layer at a time. No worker outlives this process, however it ends (``kill -9``
+    included), and an exception in the ``with`` body ends the workers at once
+    (:class:`SolvePool`).
     """
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return SolvePool(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                     initializer=_start_worker)
 
 
 @contextlib.contextmanager
-def _dask_client(address: str | None, workers: int) -> Iterator[Any]:
+def _started_ignoring_sigint() -> Iterator[None]:
+    """Processes started in the body ignore SIGINT (Ctrl-C), which this process handles.
+
+    A terminal's Ctrl-C reaches every process of the foreground group; the workers of a local
+    Dask cluster would each print a ``KeyboardInterrupt`` traceback. An ignored signal stays
+    ignored across ``exec`` and Python keeps it so, hence it is ignored here while they start
+    (a Ctrl-C in that moment is lost) and this process's handler is restored after.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _dask_client(address: str | None, workers: int, quiet: bool = False) -> Iterator[Any]:
     try:
         from distributed import Client, LocalCluster
     except ImportError as missing:
@@ -161,10 +251,22 @@ def _dask_client(address: str | None, workers: int) -> Iterator[Any]:
             environment = {key: value for key, value in
                            dask.config.get("distributed.nanny.pre-spawn-environ").items()
                            if key != "MALLOC_TRIM_THRESHOLD_"}
+            if quiet:  # the workers' own log: errors only
+                environment["DASK_LOGGING__DISTRIBUTED"] = "error"
             stack.enter_context(dask.config.set({"distributed.nanny.pre-spawn-environ": environment}))
-            cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1,
-                                                       processes=True, dashboard_address=None))
-            yield stack.enter_context(Client(cluster))
+            dask_log = logging.getLogger("distributed")
+            stack.callback(dask_log.setLevel, dask_log.level)  # restored once the cluster is closed
+            with _started_ignoring_sigint():
+                cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1,
+                                                           processes=True, dashboard_address=None))
+            client = stack.enter_context(Client(cluster))
+            try:
+                yield client
+            except BaseException:
+                # the cluster is closed with solves running: their cancellation is expected,
+                # not the warnings Dask logs for it
+                dask_log.setLevel(logging.ERROR)
+                raise
         else:
             yield stack.enter_context(Client(address))
 
@@ -230,8 +332,8 @@ class RayExecutor(Executor):
 
 
 @contextlib.contextmanager
-def ray_executor(address: str | None = None, *, workers: int = 1,
-                 threads: int = 1) -> Iterator[RayExecutor]:
+def ray_executor(address: str | None = None, *, workers: int = 1, threads: int = 1,
+                 quiet: bool = False) -> Iterator[RayExecutor]:
     """A :class:`RayExecutor` on the Ray cluster at ``address``, or on a local Ray instance.
 
     Parameters
@@ -242,6 +344,8 @@ def ray_executor(address: str | None = None, *, workers: int = 1,
     workers, threads
         Concurrent solves and CPUs per solve on the local instance (``threads`` is also each
         task's CPU reservation on a remote cluster).
+    quiet
+        Ray logs errors only (its default logs information such as its start).
 
     Notes
     -----
@@ -254,15 +358,17 @@ def ray_executor(address: str | None = None, *, workers: int = 1,
         raise ImportError(f"the Ray executor needs the ray extra: pip install -e \".[ray]\" "
                           f"({missing})") from missing
     started = not ray.is_initialized()
+    level = logging.ERROR if quiet else logging.INFO  # INFO is ray.init's default
     if started:
         if address is None:
             # Ray starts its workers 15 nice levels below the driver, so that anything else on
             # the machine takes their CPU first; a local instance here exists to run the solves,
             # so its workers keep the caller's priority, as a process pool's and Dask's do.
-            ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False,
-                     _system_config={"worker_niceness": 0})
+            with _started_ignoring_sigint():
+                ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False,
+                         logging_level=level, _system_config={"worker_niceness": 0})
         else:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, logging_level=level)
     try:
         yield RayExecutor(num_cpus=threads)
     finally:
@@ -307,7 +413,7 @@ def _ray_solve_memory(threads: int) -> int | None:
 
 @contextlib.contextmanager
 def open_pool(kind: str, *, workers: int, threads: int = 1, address: str | None = None,
-              device: str | torch.device = "cpu") -> Iterator[Pool]:
+              device: str | torch.device = "cpu", quiet: bool = False) -> Iterator[Pool]:
     """The executor the ``matfactor`` command runs the layer solves on, closed on exit.
 
     Parameters
@@ -324,6 +430,8 @@ def open_pool(kind: str, *, workers: int, threads: int = 1, address: str | None 
         A running Dask scheduler or Ray cluster instead of a local one.
     device
         Where the solves run: a local pool shares this device's available memory.
+    quiet
+        Dask's workers and Ray log errors only (the command's ``--quiet``).
     """
     from .memory import available_memory
 
@@ -340,12 +448,12 @@ def open_pool(kind: str, *, workers: int, threads: int = 1, address: str | None 
         return
     where = f"the cluster at {address}" if address else f"a local cluster of {workers} workers"
     if kind == "dask":
-        with _dask_client(address, workers) as client:
+        with _dask_client(address, workers, quiet) as client:
             count = len(client.scheduler_info()["workers"])
             yield Pool(client.get_executor(pure=False), count, _dask_worker_memory(client),
                        f"Dask, {where}")
         return
-    with ray_executor(address, workers=workers, threads=threads) as executor:
+    with ray_executor(address, workers=workers, threads=threads, quiet=quiet) as executor:
         import ray
 
         count = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)

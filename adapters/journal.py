@@ -24,6 +24,7 @@ which discards its layers first.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,7 +42,8 @@ import matfactor
 from .checkpoint import CheckpointError, _module_from_files, _packed_module, _sha256, _write_atomically
 from .modules import CompressedModule
 
-__all__ = ["RUN_NAME", "RunJournal", "RunMismatchError", "discard_run", "run_identity"]
+__all__ = ["RUN_NAME", "RunJournal", "RunMismatchError", "discard_run", "finished_layers",
+           "run_identity"]
 
 RUN_NAME = "run.json"
 _LAYERS = "layers"
@@ -190,6 +192,19 @@ class RunJournal:
             raise CheckpointError(f"finished layer {name!r}: {error}; restart the run") from error
         return _module_from_files(name, record["entry"], files), record["report"]
 
+    def finished_count(self, names: list[str]) -> int:
+        """How many of the layers ``names`` are finished (have their entry)."""
+        return sum(self._paths(name)[1].is_file() for name in names)
+
+    def discard_if_empty(self) -> None:
+        """Remove the journal (and its directory, if nothing else is in it) when no layer is
+        finished: a run that failed before its first layer leaves nothing behind."""
+        if any(self.layers.glob("*.json")):
+            return
+        discard_run(self.directory)
+        with contextlib.suppress(OSError):  # not empty: the user's files are kept
+            self.directory.rmdir()
+
     def record(self, name: str, module: CompressedModule, report: dict[str, Any]) -> CompressedModule:
         """Write the finished layer ``name`` (tensors, then its entry) and return the module
         rebuilt from what was written (what a resumed run will load)."""
@@ -200,6 +215,11 @@ class RunJournal:
                           indent=1, allow_nan=False)
         _write_atomically(entry_path, lambda target: target.write_text(text, encoding="utf-8"))
         return rebuilt
+
+
+def finished_layers(directory: str | os.PathLike[str]) -> int:
+    """How many finished layers the run journal in ``directory`` holds (0 if none)."""
+    return sum(1 for _ in (Path(directory) / _LAYERS).glob("*.json"))
 
 
 def discard_run(directory: str | os.PathLike[str]) -> None:

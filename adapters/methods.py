@@ -31,8 +31,10 @@ pattern leaves (``sparse_lowrank_rank``, HASSLE-free section 5); unstructured, a
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -183,6 +185,24 @@ def resolve_budget(method: Method, shape: tuple[int, int], *, density: float | N
     return Budget(sparse_density, rank, pattern)
 
 
+def reduce_by_value(instance: Any) -> tuple[Any, ...]:
+    """``__reduce__`` of a dataclass shipped between processes: its fields pickled by value.
+
+    multiprocessing's pickler, as torch sets it up, sends a tensor as a file descriptor that a
+    thread of the sending process serves on request, from a socket in a ``/tmp/pymp-*``
+    directory. A process ended abruptly (a pool worker at Ctrl-C or when its parent is killed)
+    then leaves that directory behind, and the other side's serving thread prints an
+    ``EOFError`` traceback. The tensors of a layer solve are copied between the processes
+    either way.
+    """
+    fields = {item.name: getattr(instance, item.name) for item in dataclasses.fields(instance)}
+    return _from_bytes, (type(instance), pickle.dumps(fields, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _from_bytes(cls: type, payload: bytes) -> Any:
+    return cls(**pickle.loads(payload))
+
+
 @dataclass
 class LayerSolution:
     """The compressed form of one layer and what it cost."""
@@ -192,6 +212,8 @@ class LayerSolution:
     params_after: int
     seconds: float
     budget: Budget = field(repr=False)
+
+    __reduce__ = reduce_by_value
 
     def dense(self) -> Any:
         """The ``(d_in, d_out)`` matrix the compressed layer computes with."""

@@ -56,7 +56,7 @@ from matfactor import _validation as check
 from .calibration import CalibrationHooks, LayersObserved
 from .checkpoint import _packed_module
 from .executors import LayerTask, run_task
-from .journal import RunJournal, run_identity
+from .journal import RunJournal, finished_layers, run_identity
 from .layers import is_compressible, weight_matrix
 from .memory import MemoryPlan, memory_plan
 from .methods import METHODS, LayerSolution
@@ -99,6 +99,7 @@ class CompressionReport:
     model_params_after: int = 0
     notes: list[str] = field(default_factory=list)
     plan: MemoryPlan | None = None
+    resumed: int = 0                # layers taken from the journal of an interrupted run
 
     @property
     def params_before(self) -> int:
@@ -125,6 +126,8 @@ class CompressionReport:
                      f"calibration batches): parameters {before:,} -> {after:,} "
                      f"({after / max(before, 1):.3f}); whole model {self.model_params_before:,} -> "
                      f"{self.model_params_after:,}; {self.seconds:.1f} s")
+        if self.resumed:
+            lines.append(f"{self.resumed} of these layers were finished by an earlier, interrupted run")
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -341,8 +344,9 @@ class _Solves:
             for future in as_completed(futures):
                 yield futures[future], future.result()
         except BrokenExecutor as lost:
-            where = f"; the finished layers are in {self.journal.directory}, rerun to resume" \
-                if self.journal is not None else ""
+            done = 0 if self.journal is None else finished_layers(self.journal.directory)
+            where = f"; {done} finished layers are recorded in {self.journal.directory}: run again " \
+                "to resume" if done else ""
             raise RuntimeError(f"a worker died while solving {', '.join(t.name for t in tasks)} "
                                f"({type(lost).__name__}: {lost}){where}") from lost
         finally:
@@ -565,6 +569,9 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
     params_before = sum(p.numel() for p in model.parameters())
     was_training = model.training
     model.eval()
+    resumed = 0 if journal is None else journal.finished_count(list(targets))
+    if resumed and progress:
+        tqdm.write(f"resuming: {resumed} of {len(targets)} layers done in {journal.directory}")
     bar = tqdm(total=len(targets), desc="layers", unit="layer", disable=not progress)
     solves = _Solves(executor, threads, device, mix, seed, journal, bar)
     try:
@@ -574,11 +581,16 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
                                       gram_dtype, granularity, solves, tqdm, progress)
             else:
                 reports = _one_shot(model, batches, targets, streams, gram_dtype, solves)
+    except BaseException:
+        if journal is not None:
+            journal.discard_if_empty()
+        raise
     finally:
         bar.close()
         model.train(was_training)
     report = CompressionReport(reports, "sequential" if sequential else "one-shot", len(block_list),
-                               len(batches), time.perf_counter() - start, params_before, plan=plan)
+                               len(batches), time.perf_counter() - start, params_before, plan=plan,
+                               resumed=resumed)
     report.model_params_after = params_before - report.params_before + report.params_after
     starved = [layer.name for layer in reports if layer.n_samples < layer.shape[0]]
     if starved:

@@ -33,7 +33,7 @@ def checkpoint_digest(tmp_path, executor, sequential):
     directory = tmp_path / f"{id(executor)}-{sequential}"
     save_compressed(model, directory)
     return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
-            for name in ("model.safetensors", "matfactor.json")}
+            for name in ("matfactor.safetensors", "matfactor.json")}
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,9 @@ transformers = pytest.importorskip("transformers")
 from matfactor.adapters import CheckpointError, Recipe, compress_model  # noqa: E402
 from matfactor.adapters.executors import process_pool  # noqa: E402
 from matfactor.adapters.journal import RunMismatchError  # noqa: E402
-from text_models import random_bert, random_token_batches, save_tiny_bert, write_texts  # noqa: E402
+from runs import compress_arguments as command  # noqa: E402
+from runs import files, finished_layers, reference_run  # noqa: E402
+from text_models import random_bert, random_token_batches, save_tiny_bert  # noqa: E402
 
 HARNESS = Path(__file__).with_name("kill_harness.py")
 N_LAYERS = 18  # 3 blocks of 6 linear layers
@@ -31,35 +33,13 @@ N_LAYERS = 18  # 3 blocks of 6 linear layers
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A 3-block BERT, calibration texts, and the output of an uninterrupted run."""
-    root = tmp_path_factory.mktemp("resume")
-    model = save_tiny_bert(root / "model", hidden_size=48, blocks=3)
-    calibration = write_texts(root / "calibration.txt", 24, seed=1)
-    reference = root / "reference"
-    main(command(model, calibration, reference))
-    return model, calibration, reference
-
-
-def command(model, calibration, out, *extra):
-    """A DSF run without evaluation, solving in this process unless ``extra`` says otherwise."""
-    return ["compress", "--model", str(model), "--calibration", str(calibration), "--method", "dsf",
-            "--density", "0.5", "--no-evaluate", "--quiet", "--out", str(out),
-            *(extra or ("--workers", "1"))]
-
-
-def files(directory):
-    """``{relative path: bytes}`` of every file under ``directory``."""
-    return {str(path.relative_to(directory)): path.read_bytes()
-            for path in sorted(Path(directory).rglob("*")) if path.is_file()}
+    return reference_run(tmp_path_factory.mktemp("resume"))
 
 
 def killed_run(point, count, arguments):
     result = subprocess.run([sys.executable, str(HARNESS), point, str(count), "--", *arguments],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
-
-
-def finished_layers(out):
-    return sorted(path.stem for path in (Path(out) / "layers").glob("*.json"))
 
 
 @pytest.mark.parametrize("point, count", [("after-layers", 5), ("layer-write", 8),
@@ -154,7 +134,7 @@ def test_lost_worker_then_resume(tmp_path):
     victim = "encoder.layer.1.attention.output.dense"
     with DyingPool(victim) as pool, pytest.raises(RuntimeError, match="a worker died while solving") as lost:
         resumable(tmp_path, recipe, executor=pool)
-    assert victim in str(lost.value) and "rerun to resume" in str(lost.value)
+    assert victim in str(lost.value) and "run again to resume" in str(lost.value)
     assert "encoder.layer.0.output.dense" in finished_layers(tmp_path)
     with process_pool(2) as pool:
         model = resumable(tmp_path, recipe, executor=pool)
