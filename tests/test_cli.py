@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from text_models import WORDS, save_tiny_bert, write_texts
 
 from matfactor.__main__ import main
@@ -62,7 +63,12 @@ def test_recipe_file_and_one_shot(tiny_model_dir, tmp_path, capsys):
     (["compress", "--density", "0", "--out", "x"], r"argument --density: expected a number in \(0, 1\]"),
     (["compress", "--density", "half", "--out", "x"], "argument --density"),
     (["compress", "--density", "0.5", "--rank", "4", "--out", "x"], "not allowed with argument"),
-    (["compress", "--method", "svd", "--out", "x"], "invalid choice: 'svd'"),
+    (["compress", "--method", "svd", "--out", "x"],
+     r"argument --method: unknown method 'svd' \(choose from magnitude, wanda"),
+    (["compress", "--method", "dfs", "--out", "x"], "unknown method 'dfs'; did you mean 'dsf'"),
+    (["compress", "--method", "sparse_gpt", "--out", "x"], "did you mean 'sparsegpt'"),
+    (["plan", "--method", "admn"], "did you mean 'admm'"),
+    (["compres", "--out", "x"], "invalid choice: 'compres'"),
     (["compress", "--samples", "0", "--out", "x"], "argument --samples: expected a positive integer"),
     (["compress", "--mix", "1.5", "--out", "x"], r"argument --mix: expected a number in \[0, 1\]"),
     (["compress", "--model", "/no/such/dir", "--out", "x"], "no such directory"),
@@ -103,7 +109,7 @@ def test_library_errors_are_reported_not_raised(tiny_model_dir, tmp_path, capsys
 def test_console_script_and_module_agree():
     for command in (["matfactor", "--help"], [sys.executable, "-m", "matfactor", "--help"]):
         result = subprocess.run(command, capture_output=True, text=True, check=True)
-        assert "{compress,evaluate,plan}" in result.stdout
+        assert "{compress,evaluate,export,plan}" in result.stdout
 
 
 def test_plan_reports_every_method_and_what_does_not_fit(tiny_model_dir, capsys):
@@ -122,3 +128,83 @@ def test_plan_reports_every_method_and_what_does_not_fit(tiny_model_dir, capsys)
     assert "(memory_limit): does NOT fit" in printed
     assert "does not fit: dsf: layer 'encoder.layer.0.intermediate.dense'" in printed \
         or "does not fit: dsf: layer 'encoder.layer.0.output.dense'" in printed
+
+
+def test_version_needs_no_subcommand(capsys):
+    from matfactor import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"matfactor {__version__}"
+    result = subprocess.run(["matfactor", "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"matfactor {__version__}"
+    result = subprocess.run(["matfactor", "frobnicate"], check=False, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("usage: matfactor")
+
+
+def test_cheap_checks_come_before_the_model_loads(tmp_path, capsys):
+    """A bad calibration file, held-out file or output directory is refused before any model is
+    loaded: here the model directory holds a config but no weights, so loading it would fail."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    texts = write_texts(tmp_path / "texts.txt", 4, seed=0)
+    occupied = tmp_path / "a-file"
+    occupied.write_text("")
+    cases = [
+        (["--calibration", str(empty)], "has no non-empty line"),
+        (["--calibration", str(texts), "--texts", str(empty)], "has no non-empty line"),
+        (["--out", str(occupied)], "exists and is not a directory"),
+        (["--out", str(occupied / "below")], "is not a writable directory"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compress", "--model", str(model), "--out", str(tmp_path / "out"), *extra])
+        assert exit_info.value.code == 2
+        error = " ".join(capsys.readouterr().err.split())
+        assert message in error, error
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        main(["compress", "--model", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_quiet_prints_only_the_results(tiny_model_dir, tmp_path):
+    """--quiet: no progress bars, plan or transformers messages on either stream; without it,
+    progress for the layers and for both models' evaluation passes."""
+    calibration = write_texts(tmp_path / "calibration.txt", 24, seed=1)
+    held_out = write_texts(tmp_path / "held_out.txt", 8, seed=2)
+    command = ["matfactor", "compress", "--model", str(tiny_model_dir), "--method", "wanda",
+               "--calibration", str(calibration), "--texts", str(held_out), "--workers", "1"]
+    quiet = subprocess.run([*command, "--quiet", "--out", str(tmp_path / "quiet")],
+                           capture_output=True, text=True, check=True)
+    assert quiet.stderr == ""
+    assert "memory plan" not in quiet.stdout and "%|" not in quiet.stdout
+    assert "saved model: embedding cosine" in quiet.stdout
+    loud = subprocess.run([*command, "--out", str(tmp_path / "loud")], capture_output=True, text=True,
+                          check=True)
+    assert "memory plan" in loud.stdout
+    for bar in ("layers:", "dense model:", "compressed model:"):
+        assert bar in loud.stderr, loud.stderr[-2000:]
+    evaluate = subprocess.run(["matfactor", "evaluate", "--model", str(tiny_model_dir), "--compressed",
+                               str(tmp_path / "quiet"), "--texts", str(held_out)],
+                              capture_output=True, text=True, check=True)
+    assert "dense model:" in evaluate.stderr and "compressed model:" in evaluate.stderr
+
+
+def test_export_writes_what_transformers_loads(tiny_model_dir, tmp_path):
+    calibration = write_texts(tmp_path / "calibration.txt", 24, seed=1)
+    out, dense = tmp_path / "compressed", tmp_path / "dense"
+    main(["compress", "--model", str(tiny_model_dir), "--method", "sparsegpt", "--calibration",
+          str(calibration), "--no-evaluate", "--quiet", "--workers", "1", "--out", str(out)])
+    main(["export", "--compressed", str(out), "--out", str(dense)])
+    from matfactor.adapters import load_compressed
+
+    ids = transformers.AutoTokenizer.from_pretrained(dense)(["the value of a list"], return_tensors="pt")
+    with torch.no_grad():
+        expected = load_compressed(out)(**ids).last_hidden_state
+        actual = transformers.AutoModel.from_pretrained(dense)(**ids).last_hidden_state
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
