@@ -33,7 +33,7 @@ from .sparsity import (
 from .svd import LowRank, lowrank_rank_for_density, randomized_svd, truncated_svd, weighted_lowrank
 from .sylvester import SylvesterSolver
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdmmState",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from importlib.metadata import distribution
+from pathlib import Path
 
 
 def test_core_imports_no_framework():
@@ -44,3 +45,25 @@ def test_no_public_name_shadows_a_submodule():
         module = importlib.import_module(f"matfactor.{info.name}")
         assert isinstance(getattr(matfactor, info.name), types.ModuleType), info.name
         assert getattr(matfactor, info.name) is module
+
+
+def test_one_version():
+    """The installed metadata's version is ``matfactor.__version__`` (which ``matfactor --version``
+    prints: tests/test_cli.py)."""
+    import matfactor
+
+    assert distribution("matfactor").version == matfactor.__version__
+
+
+def test_license_and_typing_metadata():
+    """An SPDX license expression with its text installed, and py.typed where the metadata says
+    the package is typed (PEP 561, PEP 639)."""
+    import matfactor
+
+    installed = distribution("matfactor")
+    assert installed.metadata["License-Expression"] == "Apache-2.0"
+    assert "License ::" not in " ".join(installed.metadata.get_all("Classifier"))  # PEP 639
+    license_files = [file for file in installed.files if file.name == "LICENSE"]
+    assert license_files and "Apache License" in license_files[0].read_text()
+    assert "Typing :: Typed" in installed.metadata.get_all("Classifier")
+    assert (Path(matfactor.__file__).parent / "py.typed").is_file()
