@@ -234,6 +234,11 @@ def _started_ignoring_sigint() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _silence_dask_log() -> None:
+    """Run on each Dask worker when a run stops early: Dask logs nothing more there."""
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
 @contextlib.contextmanager
 def _dask_client(address: str | None, workers: int, quiet: bool = False) -> Iterator[Any]:
     try:
@@ -263,9 +268,12 @@ def _dask_client(address: str | None, workers: int, quiet: bool = False) -> Iter
             try:
                 yield client
             except BaseException:
-                # the cluster is closed with solves running: their cancellation is expected,
-                # not the warnings Dask logs for it
-                dask_log.setLevel(logging.ERROR)
+                # The cluster is closed with solves running: their cancellation, and a worker's
+                # heartbeat that finds the scheduler gone, are expected, not the warnings and
+                # tracebacks Dask logs for them here and in each worker. The error that stopped
+                # the run reaches the caller.
+                dask_log.setLevel(logging.CRITICAL)
+                client.run(_silence_dask_log, on_error="ignore")
                 raise
         else:
             yield stack.enter_context(Client(address))
