@@ -8,7 +8,7 @@ model) to a :class:`concurrent.futures.Executor` and gets back only the compress
 
 - :func:`process_pool`: a local ``ProcessPoolExecutor`` (spawned workers; the default of the
   ``matfactor`` command);
-- :func:`dask_executor`: ``Client.get_executor()`` of a ``dask.distributed`` cluster, local or
+- :func:`dask_executor`: a :class:`DaskExecutor` on a ``dask.distributed`` cluster, local or
   remote (the ``dask`` extra);
 - :func:`ray_executor`: a :class:`RayExecutor` running each solve as a Ray task, the unit Ray's
   documentation recommends for stateless functions (the ``ray`` extra).
@@ -45,8 +45,8 @@ from matfactor import ReconstructionStatistics
 
 from .methods import LayerSolution, reduce_by_value, solve_layer
 
-__all__ = ["LayerTask", "Pool", "RayExecutor", "SolvePool", "dask_executor", "open_pool", "process_pool",
-           "ray_executor", "run_task", "usable_cpus"]
+__all__ = ["DaskExecutor", "LayerTask", "Pool", "RayExecutor", "SolvePool", "dask_executor", "open_pool",
+           "process_pool", "ray_executor", "run_task", "usable_cpus"]
 
 
 @dataclass(frozen=True)
@@ -279,9 +279,56 @@ def _dask_client(address: str | None, workers: int, quiet: bool = False) -> Iter
             yield stack.enter_context(Client(address))
 
 
+class DaskExecutor(Executor):
+    """A :class:`concurrent.futures.Executor` that runs each call as a task of a Dask client.
+
+    ``submit`` is ``client.submit(fn, *args, pure=False)`` (each solve is its own task; hashing
+    the arrays to deduplicate them would cost time for nothing), its outcome handed to a
+    ``concurrent.futures.Future`` by the Dask future's done callback; cancelling that future
+    cancels the task. Unlike ``Client.get_executor()``, a cancelled task logs nothing: that one
+    waits on each task in a coroutine of the client's event loop, which logs a
+    ``FutureCancelledError`` traceback (and "Couldn't gather") for every task cancelled when a
+    run stops early.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` as a Dask task; return a future of its result."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        task = self._client.submit(fn, *args, pure=False, **kwargs)
+        future: Future = Future()
+
+        def cancel_task(done: Future) -> None:
+            if done.cancelled():
+                task.cancel()
+
+        def hand_over(finished: Any) -> None:  # in a thread of the client
+            if finished.status == "cancelled":
+                future.cancel()  # a no-op where the future was cancelled first
+                future.set_running_or_notify_cancel()  # wakes as_completed and wait
+                return
+            try:
+                result = finished.result()
+            except Exception as error:  # the task's own error, for the caller's result()
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        future.add_done_callback(cancel_task)
+        task.add_done_callback(hand_over)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown = True
+
+
 @contextlib.contextmanager
-def dask_executor(address: str | None = None, *, workers: int = 1) -> Iterator[Executor]:
-    """``Client.get_executor()`` of a Dask cluster: the one at ``address``, or a local one.
+def dask_executor(address: str | None = None, *, workers: int = 1) -> Iterator[DaskExecutor]:
+    """A :class:`DaskExecutor` on a Dask cluster: the one at ``address``, or a local one.
 
     Parameters
     ----------
@@ -291,13 +338,12 @@ def dask_executor(address: str | None = None, *, workers: int = 1) -> Iterator[E
     workers
         Worker processes of the local cluster (ignored with ``address``).
 
-    Tasks are submitted with ``pure=False`` (each solve is its own task; hashing the arrays to
-    deduplicate them would cost time for nothing). The local cluster's workers start without
+    The local cluster's workers start without
     Dask's ``MALLOC_TRIM_THRESHOLD_``, which doubles the time of a solve (see the guide); start
     the workers of a remote cluster without it too.
     """
     with _dask_client(address, workers) as client:
-        yield client.get_executor(pure=False)
+        yield DaskExecutor(client)
 
 
 def _call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
@@ -458,7 +504,7 @@ def open_pool(kind: str, *, workers: int, threads: int = 1, address: str | None 
     if kind == "dask":
         with _dask_client(address, workers, quiet) as client:
             count = len(client.scheduler_info()["workers"])
-            yield Pool(client.get_executor(pure=False), count, _dask_worker_memory(client),
+            yield Pool(DaskExecutor(client), count, _dask_worker_memory(client),
                        f"Dask, {where}")
         return
     with ray_executor(address, workers=workers, threads=threads, quiet=quiet) as executor:

@@ -490,7 +490,7 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
     executor
         Where the layer solves run: ``None`` (default) in this process, or any
         :class:`concurrent.futures.Executor` (:mod:`matfactor.adapters.executors`: a local
-        process pool, Dask's ``Client.get_executor()``, a Ray executor). The layers whose
+        process pool, a Dask or a Ray executor). The layers whose
         statistics are collected together (a group of the sequential mode, every layer in
         one-shot mode) are solved concurrently; each task carries only the layer's weight, its
         ``H`` (or MPIFA's statistics), the method and its arguments, and returns the factors.

@@ -3,8 +3,11 @@ Dask cluster and on a local Ray instance; the memory plan refuses what cannot fi
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import operator
 import os
+import time
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from matfactor.adapters import Recipe, compress_model, compression_plan, save_compressed  # noqa: E402
-from matfactor.adapters.executors import open_pool, run_task, solve_threads  # noqa: E402
+from matfactor.adapters.executors import dask_executor, open_pool, run_task, solve_threads  # noqa: E402
 from text_models import random_bert, random_token_batches  # noqa: E402
 
 # every kind of task: pruning, DSF, PIFA, MPIFA (two-stream statistics) and the seeded sparse
@@ -57,6 +60,24 @@ def test_every_engine_gives_the_same_checkpoint(kind, workers, reference, tmp_pa
         assert pool.executor.submit(os.getenv, "MALLOC_TRIM_THRESHOLD_").result() is None
         for sequential in (True, False):
             assert checkpoint_digest(tmp_path, pool.executor, sequential) == reference[sequential]
+
+
+def test_dask_executor_results_errors_and_a_quiet_cancellation(capfd):
+    """Results and the task's own errors come back; cancelled tasks wake ``wait`` and log nothing
+    (a run stopped early cancels its pending solves)."""
+    pytest.importorskip("distributed")
+    with dask_executor(workers=1) as executor:
+        assert executor.submit(pow, 2, 10).result() == 1024
+        with pytest.raises(ZeroDivisionError):
+            executor.submit(operator.truediv, 1, 0).result()
+        capfd.readouterr()
+        futures = [executor.submit(time.sleep, 2) for _ in range(4)]
+        time.sleep(0.5)  # the first one runs
+        assert all(future.cancel() for future in futures)
+        done, pending = concurrent.futures.wait(futures, timeout=30)
+        assert not pending and all(future.cancelled() for future in done)
+        time.sleep(2)  # what the client and the worker would log about it
+    assert capfd.readouterr().err == ""
 
 
 def test_one_worker_solves_in_this_process():
