@@ -199,7 +199,7 @@ class RunJournal:
     def discard_if_empty(self) -> None:
         """Remove the journal (and its directory, if nothing else is in it) when no layer is
         finished: a run that failed before its first layer leaves nothing behind."""
-        if any(self.layers.glob("*.json")):
+        if finished_layers(self.directory):
             return
         discard_run(self.directory)
         with contextlib.suppress(OSError):  # not empty: the user's files are kept
