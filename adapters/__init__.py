@@ -7,9 +7,11 @@ that accumulate ``H = XᵀX`` (:mod:`~matfactor.adapters.calibration`), recipes
 sequential pipeline (:mod:`~matfactor.adapters.pipeline`), where its layer solves run
 (:mod:`~matfactor.adapters.executors`), how an interrupted run resumes
 (:mod:`~matfactor.adapters.journal`) and what memory its solves need
-(:mod:`~matfactor.adapters.memory`, :mod:`~matfactor.adapters.memory`), the compressed modules
-(:mod:`~matfactor.adapters.modules`), checkpoints (:mod:`~matfactor.adapters.checkpoint`) and
-text-model helpers (:mod:`~matfactor.adapters.text`). They need torch, and the Hugging Face
+(:mod:`~matfactor.adapters.memory`), the compressed modules
+(:mod:`~matfactor.adapters.modules`), checkpoints (:mod:`~matfactor.adapters.checkpoint`),
+text models, built in or loaded from a directory or GGUF file (:mod:`~matfactor.adapters.text`),
+and the calibration windows and perplexity of causal language models
+(:mod:`~matfactor.adapters.causal_lm`). They need torch, and the Hugging Face
 parts need the ``hf`` extra (``pip install -e ".[hf]"``). The core never imports this package.
 """
 

@@ -5,6 +5,10 @@ A checkpoint is a directory:
 ``config.json``
     For a Hugging Face model (``transformers.PreTrainedModel``): ``model.config.save_pretrained``,
     with one addition that makes ``transformers`` refuse the directory (see *Foreign loaders*).
+``generation_config.json``
+    For a model that generates (a causal LM's ``model.generation_config``): its decoding
+    defaults and special tokens, which :func:`load_compressed` puts back, so that the loaded
+    model's ``generate`` behaves as the original's.
 tokenizer files
     When a tokenizer is given (``tokenizer.save_pretrained``): ``AutoTokenizer.from_pretrained``
     reads the directory.
@@ -36,6 +40,7 @@ The manifest (``format`` :data:`FORMAT`, ``format_version`` :data:`FORMAT_VERSIO
     {"format", "format_version", "matfactor_version",
      "model_class": type(model).__name__, "architectures": config.architectures or null,
      "dtype": the dtype of the model's first floating-point parameter,
+     "source": where the dense model came from (a path or built-in name) or null,
      "weights": {"file": "matfactor.safetensors", "sha256", "bytes"},
      "state": {key: {"shape", "dtype"}},          # the tensors outside the compressed modules
      "aliases": {key: stored key},                # tied tensors, stored once
@@ -114,6 +119,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointSummary",
     "ModuleBytes",
+    "checkpoint_source",
     "export_dense",
     "load_compressed",
     "save_compressed",
@@ -447,7 +453,7 @@ def _module_from_files(name: str, entry: dict[str, Any], files: dict[str, torch.
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike[str], *,
-                    tokenizer: Any | None = None) -> CheckpointSummary:
+                    tokenizer: Any | None = None, source: str | None = None) -> CheckpointSummary:
     """Save a model with compressed modules as a checkpoint directory (see the module docstring).
 
     Parameters
@@ -460,6 +466,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *,
         The directory, created if needed. Files of an earlier checkpoint there are replaced.
     tokenizer
         Saved with its ``save_pretrained`` when given.
+    source
+        Where the dense model came from (a directory, a ``.gguf`` file or a built-in name),
+        recorded in the manifest for ``matfactor evaluate`` to compare against.
 
     Returns
     -------
@@ -509,8 +518,13 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *,
     config = None
     if transformers is not None and isinstance(model, transformers.PreTrainedModel):
         config = model.config
+        if not config.architectures:  # a config read from a GGUF file names no class
+            config.architectures = [type(model).__name__]
         config.save_pretrained(path)
         _guard_config(path / "config.json")
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and model.can_generate():
+            generation.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
@@ -526,6 +540,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *,
         "model_class": type(model).__name__,
         "architectures": None if config is None else config.architectures,
         "dtype": None if dtype is None else _dtype_name(dtype),
+        "source": None if source is None else str(source),
         "weights": {"file": WEIGHTS_NAME, "sha256": _sha256(weights_path), "bytes": file_bytes},
         "state": {key: {"shape": list(value.shape), "dtype": _dtype_name(value.dtype)}
                   for key, value in state.items()},
@@ -540,6 +555,19 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *,
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def checkpoint_source(path: str | os.PathLike[str]) -> str | None:
+    """Where the dense model of checkpoint ``path`` came from (``save_compressed(source=...)``:
+    a directory, a ``.gguf`` file or a built-in model name), ``None`` if not recorded.
+
+    Raises
+    ------
+    CheckpointError
+        ``path`` has no readable manifest.
+    """
+    source = _read_manifest(Path(path)).get("source")
+    return source if isinstance(source, str) else None
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -814,9 +842,23 @@ def load_compressed(path: str | os.PathLike[str], *, model: nn.Module | None = N
     # strict=True over the whole state dict: the compressed modules' entries load onto themselves.
     state.update({key: value for key, value in model.state_dict().items() if key.startswith(prefixes)})
     model.load_state_dict(state, strict=True)
+    _load_generation_config(path, model)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def _load_generation_config(path: Path, model: nn.Module) -> None:
+    """Put the checkpoint's ``generation_config.json`` on a model that generates."""
+    if not (path / "generation_config.json").is_file() or not hasattr(model, "generation_config"):
+        return
+    import transformers
+
+    try:
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path / 'generation_config.json'} is not a readable generation "
+                              f"config: {error}") from error
 
 
 def export_dense(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
@@ -867,6 +909,8 @@ def export_dense(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> P
             if module.bias is not None:
                 state[f"{name}.bias"] = module.bias
     dense.load_state_dict(state, strict=True)
+    if hasattr(compressed, "generation_config") and hasattr(dense, "generation_config"):
+        dense.generation_config = compressed.generation_config
     if getattr(dense.config, "transformers_weights", None) == FOREIGN_LOADER_MESSAGE:
         del dense.config.transformers_weights
     out.mkdir(parents=True, exist_ok=True)

