@@ -65,8 +65,8 @@ def calibration_windows(tokenizer: Any, texts: list[str], *, n_windows: int = 64
 
     Each window starts at a uniformly drawn position of :func:`token_stream` (windows may
     overlap, as SparseGPT's C4 windows may). The batches are dicts of ``input_ids`` and an
-    all-ones ``attention_mask`` of shape ``(batch, seq_len)``, as :func:`~matfactor.adapters.
-    compress_model` takes them.
+    all-ones ``attention_mask`` of shape ``(batch, seq_len)``, as
+    :func:`~matfactor.adapters.compress_model` takes them.
 
     Parameters
     ----------

@@ -204,6 +204,7 @@ def _missing_model_side() -> str | None:
 # The main job
 
 
+#: The main job's layer kinds, for its profile.
 _LAYER_KINDS = ("attention.self.query", "attention.self.key", "attention.self.value",
                 "attention.output.dense", "intermediate.dense", "output.dense")
 
@@ -230,13 +231,16 @@ def main_job(*, threads: int = THREADS, timeout: float = 900, options: tuple[str
     solves: dict[str, float] = {}
     for line in run.output.splitlines():
         fields = line.split()
-        if len(fields) == 7 and fields[0].startswith("encoder.layer."):
-            kind = next((kind for kind in _LAYER_KINDS if fields[0].endswith(kind)), "other")
+        # a row of the per-layer report: name, d_in x d_out, method, error, params, kept, seconds
+        if len(fields) == 7 and re.fullmatch(r"\d+x\d+", fields[1]):
+            within_block = re.search(r"\.\d+\.(.+)$", fields[0])  # the name inside its block
+            kind = within_block.group(1) if within_block else "other"
             solves[kind] = solves.get(kind, 0.0) + float(fields[-1])
     result["solve_s_by_layer_kind"] = solves
     result["solve_s"] = sum(solves.values())
-    result["fidelity"] = next((line for line in run.output.splitlines()
-                               if line.startswith("saved model:")), None)
+    # the saved model's embedding fidelity (an encoder) or the two perplexities (a causal LM)
+    result["fidelity"] = " | ".join(line for line in run.output.splitlines()
+                                    if line.startswith(("saved model:", "dense model:"))) or None
     return result
 
 
@@ -665,6 +669,8 @@ def main() -> None:
     parser.add_argument("--mix", type=float, nargs="+", default=LLAMA_MIXES,
                         help="mix values of the Llama block (default 0.5 0)")
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--timeout", type=float, default=900,
+                        help="with --main-job: seconds before the job is killed (default 900)")
     parser.add_argument("--options", nargs=argparse.REMAINDER, default=[],
                         help="with --main-job: more options of matfactor compress (last)")
     parser.add_argument("--json", type=Path, help="also append the results to this JSON-lines file")
@@ -700,7 +706,8 @@ def main() -> None:
                             source=source))
         _print_profile(results[-1])
     if args.main_job or both:
-        results.append(dict(main_job(threads=args.threads, options=tuple(args.options)),
+        results.append(dict(main_job(threads=args.threads, timeout=args.timeout,
+                                     options=tuple(args.options)),
                             benchmark="main_job", source=source))
         _print_main_job(results[-1])
     if args.llama or both:

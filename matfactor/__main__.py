@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "or messages of transformers")
     compress.add_argument("--out", type=_output_directory, required=True, metavar="DIR",
                           help="directory of the compressed checkpoint")
+    compress.add_argument("--dense", type=_output_directory, metavar="DIR",
+                          help="also write a dense copy of the compressed model here, which plain "
+                               "transformers loads (as 'matfactor export' does)")
 
     evaluate = commands.add_parser(
         "evaluate", help="compare a compressed checkpoint with its dense model",
@@ -397,6 +400,8 @@ def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 
     # every input that is cheap to check is checked before the model's weights load
     recipe = _recipe(args, parser)
+    if args.dense is not None and args.dense.resolve() == args.out.resolve():
+        parser.error("--dense must differ from --out: the dense copy would overwrite the checkpoint")
     source = args.model or resolve_model(None)
     texts = read_texts(args.calibration) if args.calibration else pydoc_texts("calibration")
     held_out_texts = None if args.no_evaluate else _held_out(args)
@@ -455,6 +460,11 @@ def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     summary = save_compressed(model, args.out, tokenizer=tokenizer, source=source.name or
                               str((source.directory / (source.gguf_file or "")).resolve()))
     discard_run(args.out)  # the checkpoint holds every layer now
+    if args.dense is not None:
+        from matfactor.adapters import export_dense
+
+        export_dense(args.out, args.dense)
+        print(f"dense copy written to {args.dense}: load it with transformers' from_pretrained")
     dense_bytes = _weights_bytes(source)
     print(f"checkpoint {args.out}: compressed layers {summary.dense_bytes:,} -> {summary.stored_bytes:,} "
           f"bytes ({summary.ratio:.3f}); weights file {dense_bytes:,} -> {summary.file_bytes:,} bytes "

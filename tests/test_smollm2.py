@@ -50,6 +50,17 @@ def test_smollm2_loads_as_a_causal_lm_with_its_tied_head(smollm2):
     assert tokenizer.pad_token is not None
 
 
+def test_a_truncated_copy_of_its_gguf_file_is_refused(tmp_path):
+    from matfactor.adapters.text import check_gguf, resolve_model, smollm2_file
+
+    check_gguf(smollm2_file())
+    truncated = tmp_path / "SmolLM2-truncated.gguf"
+    with smollm2_file().open("rb") as whole, truncated.open("wb") as part:
+        part.write(whole.read(smollm2_file().stat().st_size - 1000))
+    with pytest.raises(ValueError, match="SmolLM2-truncated.gguf' is a truncated"):
+        resolve_model(truncated)
+
+
 def test_smollm2_round_trip(smollm2, tmp_path):
     """Every block linear compressed, the head kept; the saved model reloads with the same logits,
     generates the same text, and exports to a dense copy plain transformers loads."""
