@@ -179,13 +179,14 @@ def _tree_pss(pid: int) -> int:
 
 
 def source_digest() -> str:
-    """A short digest of the measured sources (``matfactor/`` and ``adapters/`` of this checkout,
-    uncommitted changes included), stored with each result: the code moves faster than commits."""
+    """A short digest of the measured sources (``matfactor/`` and ``matfactor/adapters/`` of this
+    checkout, uncommitted changes included), stored with each result: the code moves faster than
+    commits."""
     import hashlib
 
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in sorted([*root.glob("matfactor/*.py"), *root.glob("adapters/*.py")]):
+    for path in sorted([*root.glob("matfactor/*.py"), *root.glob("matfactor/adapters/*.py")]):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 

@@ -22,7 +22,7 @@ import matfactor.adapters.checkpoint as checkpoint
 import matfactor.adapters.journal as journal
 from safetensors.torch import save_file
 
-from matfactor.__main__ import main
+from matfactor.adapters.command import main
 
 
 def _die() -> None:

@@ -30,7 +30,7 @@ def reference_run(root):
     run of :func:`compress_arguments` on them, under ``root``: ``(model, calibration, reference)``."""
     from text_models import save_tiny_bert, write_texts
 
-    from matfactor.__main__ import main
+    from matfactor.adapters.command import main
 
     model = save_tiny_bert(root / "model", hidden_size=48, blocks=3)
     calibration = write_texts(root / "calibration.txt", 24, seed=1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from text_models import WORDS, save_tiny_bert, save_tiny_causal_lm, tiny_causal_lm, write_texts
 
-from matfactor.__main__ import main
+from matfactor.adapters.command import main
 from matfactor.adapters import load_compressed
 
 transformers = pytest.importorskip("transformers")

@@ -9,9 +9,11 @@ from pathlib import Path
 
 
 def test_core_imports_no_framework():
-    """The core and its test problems import neither torch, cupy nor a top-level ``adapters``."""
+    """The core and its test problems import neither torch, cupy, the model side nor a top-level
+    ``adapters``."""
     code = ("import sys, matfactor, matfactor.testing; "
-            "print(sorted(m for m in ('torch', 'cupy', 'adapters', 'transformers') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'cupy', 'adapters', 'transformers', 'matfactor.adapters') "
+            "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from matfactor.__main__ import main
+from matfactor.adapters.command import main
 
 transformers = pytest.importorskip("transformers")
 

