@@ -1,5 +1,5 @@
 """Double sparse factorization: speed against one GEMM, quality against pruning and low rank,
-and the default/fast settings trade-off (issue 4; DSF paper, appendices A.2 and A.6)."""
+and the default/fast settings trade-off (DSF paper, appendices A.2 and A.6)."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ class DsfRealLayers(BackendBenchmark):
     """Layer error of DSF over ADMM pruning at the same nonzeros on real all-MiniLM-L6-v2 layers
     (about 4500 tokens of pydoc text; needs ``pip install -e ".[hf]"``).
 
-    Issue 4's criterion: clearly below 1 on square and wide layers at 0.5 and 0.25.
+    DSF is expected clearly below 1 on square and wide layers at 0.5 and 0.25.
     """
 
     params = (["numpy"], list(REAL_LAYERS), [0.5, 0.3, 0.25], ["auto", "paper"])

@@ -1,4 +1,4 @@
-"""Low rank (issue 3): randomized against full SVD, and the Hessian-weighted solvers.
+"""Low rank: randomized against full SVD, and the Hessian-weighted solvers.
 
 - ``RandomizedSvdSpeed`` / ``FullSvdSpeed``: time of each at transformer sizes, float32, ranks
   ``d/8`` and ``d/16`` (``d = min(d_in, d_out)``);

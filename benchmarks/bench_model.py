@@ -1,82 +1,41 @@
-"""Whole-model compression: the main job's time and peak memory, and the peak memory of one
+"""Whole-model compression: the main job's time and memory, its profile, a Llama block's peak.
+
+The time and peak memory of the main job, where its time goes, and the peak memory of one
 Llama-shaped block against its budget.
 
-Every measurement runs in a child process, so that the figures are the child's alone: wall time
+Every measurement runs in a child process, so that the figures are that child's alone: wall time
 from start to exit, CPU time (user + system) and peak resident memory (``ru_maxrss`` of that one
-child, read with :func:`os.wait4`; the parent's other children do not enter it). The children
-run on :data:`THREADS` threads (``OMP_NUM_THREADS`` and friends; the Python children also call
-``torch.set_num_threads``): the machines these run on are shared. On one thread the CPU time is
-about the wall time the job would take on an otherwise idle machine.
+child, read with :func:`os.wait4`), and, with psutil (the bench extra), the sampled peak of the
+summed PSS of the child and its workers. The children run on :data:`THREADS` threads
+(``OMP_NUM_THREADS`` and friends; the Python children also call ``torch.set_num_threads``): on a
+shared machine, the CPU time of one thread is about the wall time the job would take alone.
 
-**Main job** (:class:`MainJob`): ``python -m matfactor compress --out DIR --quiet``, the README's
-main job end to end: load all-MiniLM-L6-v2, calibrate on 256 pydoc texts, compress its 36
-encoder linear layers with DSF at density 0.5, sequentially (``mix=0.5``), print the report,
-save the checkpoint, reload it and evaluate it on the 742 held-out texts. The issue asks for it
-within 5 minutes on a 2-core CPU. ``--profile`` times each step of the same job (the pipeline's
-internals by wrapping them in the child: forward passes, ``H`` accumulation, the solves per
-layer kind, save, the two embedding passes of the evaluation).
+- **Main job** (:func:`main_job`, asv :class:`MainJob`): ``python -m matfactor compress --out
+  DIR --quiet`` with its defaults, the README's main job end to end (all-MiniLM-L6-v2, DSF at
+  density 0.5 on the 36 linear layers of its blocks, sequential with ``mix=0.5``, save, reload,
+  evaluate on the held-out texts): its time and peak memory, and the solve time per layer kind
+  read from its report. It should take at most :data:`MAIN_JOB_LIMIT_S` on a 2-core CPU.
+- **Profile** (:func:`profile_main_job`): the main job's steps in one process (solves in that
+  process, 128 calibration texts), each timed exclusively, wall and CPU: the layer solves per
+  layer kind through a :class:`~matfactor.adapters.PipelineObserver`, the other internals (first
+  block inputs, ``H`` accumulation, the evaluation's passes, ...) by wrapping them in the child.
+- **Llama-shaped block** (:func:`llama_block`, asv :class:`LlamaBlockMemory`): a
+  ``transformers.LlamaModel`` with one decoder layer of Llama-2-7B's shape (:data:`LLAMA_SHAPE`,
+  no grouped KV), random float32 weights, called with ``inputs_embeds`` and ``use_cache=False``
+  on :data:`LLAMA_BATCHES` batches of :data:`LLAMA_TOKENS` tokens of realistic correlated
+  activations (:func:`matfactor.testing.realistic_layer`); SparseGPT at density 0.5 (DSF is far
+  too slow at these sizes on a CPU), sequential, ``granularity="layer"``, for each ``mix`` of
+  :data:`LLAMA_MIXES` (above 0, a dense copy of the block carries the dense stream). An observer
+  marks the phases (each group's calibration pass, its solves); the child resets the kernel's
+  peak-RSS counter (``/proc/self/clear_refs``, Linux) between phases, so that each phase's peak
+  is known, the run's being the largest. The peak is set against the budget terms of
+  :func:`llama_budget`: the block's weights, one block's activations, the Grams, the dense copy.
 
-**Llama-shaped block** (:class:`LlamaBlockMemory`): a ``transformers.LlamaModel`` with one
-decoder layer of Llama-2-7B's shape (hidden ``h`` = 4096, MLP ``m`` = 11008, 32 heads, no grouped
-KV), random weights, float32, a vocabulary of 32 (it is called with ``inputs_embeds`` and
-``use_cache=False``: with a cache, every call of the block would append to the captured cache).
-Calibration: 4 batches of 1 x 512 tokens of realistic correlated activations
-(:func:`matfactor.testing.realistic_layer`'s ``X``: correlated inputs, a 30x spread of input
-norms, outlier features, dead inputs). SparseGPT at density 0.5 (DSF at 4096 x 11008 is far too
-slow for a CPU), sequential, ``granularity="layer"``, with ``mix=0.5`` (the default: a dense
-copy of the block carries the dense stream) and ``mix=0``. The child resets the kernel's peak-RSS
-counter (``/proc/self/clear_refs``, Linux) between the phases of the pipeline, so each phase's
-peak is known (the whole run's peak is the largest of them; ``ru_maxrss`` cannot be used then).
-The budget terms (:func:`llama_budget`):
-
-- block weights: 202.4 M float32 values (4 h² attention, 3 h m MLP), 772 MiB;
-- one block's activations: the stored inputs of all calibration batches (4 x 512 x h float32,
-  32 MiB per stream) and one batch's intermediate activations (at the MLP, ``512 (2h + 3m)``
-  floats, 80 MiB; measured: 100-150 MiB above the setup, allocator included);
-- the Grams of the first calibration pass, which observes every layer of the block: q/k/v share
-  one ``H`` and gate/up share one, so ``3 h² + m²`` float32 (654 MiB); with ``mix > 0`` each has
-  an ``error_cross`` of the same size (654 MiB) and the dense stream's inputs are stored too;
-- with ``mix > 0``, the dense copy of the block (772 MiB).
-
-Measured (2-core AMD EPYC VM shared with 2-4 other CPU-bound jobs, one thread, torch 2.13 CPU,
-transformers 5.24; ``python -m benchmarks.bench_model --show benchmarks/results/bench_model.jsonl``):
-
-- main job with its defaults (256 calibration texts, a pool of two single-thread solve workers),
-  idle machine, two threads in the main process: 180.5 s wall, 230 s CPU, peak 1295 MiB summed
-  over the three processes (solves 102.6 s); in the same session with ``--options --workers 1
-  --threads 2`` (solves in the main process on two threads, as the command did before it had
-  workers): 131.1 s, 243 s CPU, 1037 MiB (solves 64.7 s). Earlier, before the workers: 148.0 s,
-  1259 MiB; the 128-text job 127.8 s, 1167 MiB. The figures below are the 128-text job on one
-  thread on the loaded machine.
-- main job: 405 s wall, 285 s CPU, peak RSS 1144 MiB; profiled again after a pipeline change:
-  383 s wall, 301 s CPU, 1040 MiB. CPU time by step: layer solves 123 s (intermediate.dense 35,
-  output.dense 32, the four 384 x 384 layers 13.5-14.5 each), block forward passes 60 s,
-  two-stream ``H``/``error_cross`` accumulation 18 s, the evaluation's two embedding passes
-  90 s (dense 36, compressed 54), load, save, reload, imports 7 s. The calibration batches are
-  48% padding (16,176 positions for 8,426 tokens) and the held-out ones 54% (92,792 for 43,061).
-- Llama block, ``mix=0.5``: peak 5466 MiB, 6.2x (block weights + one block's activations =
-  885 MiB), 5.8x without the interpreter and libraries (373 MiB); 596 s. ``mix=0``: 4067 MiB,
-  4.6x (4.2x); 351 s. Both peaks come in the solve of ``down_proj`` (``d_in = m``), and add up as
-
-  ======================================================== ========== ========
-  term                                                     mix=0.5    mix=0
-  ======================================================== ========== ========
-  interpreter, torch, transformers                         373        374
-  model and calibration inputs (block weights 772)         826        825
-  dense copy of the block                                  772        --
-  the six replaced dense layers, still referenced (q..up)  600        600
-  dense stream's stored inputs                             32         --
-  ``H`` of down_proj (+ its ``error_cross`` with mix)      924        462
-  allocator slack (freed, not returned to the system)      326        419
-  = resident when the down_proj solve starts               3853       2680
-  SparseGPT's factorisation: damped H, its inverse, the    ~1390      1386
-  Cholesky factor of the inverse (3 m²) + W/target copies  (+220)
-  = peak                                                   5466       4067
-  ======================================================== ========== ========
-
-  The first calibration pass peaks at 4555 MiB with ``mix=0.5`` (2089 with ``mix=0``): all four
-  ``H`` and four ``error_cross`` (1308 MiB) plus the transient of the two-stream update, which
-  adds ``X_uᵀX_u`` out of place (``H = H + ...``: two more ``m²`` matrices for down_proj).
+``python -m benchmarks.bench_model`` measures the main job and the Llama block (``--main-job``,
+``--llama`` or ``--profile`` one of them; ``--threads N``; ``--options ...``: more options of the
+main job's command; ``--json FILE`` appends the results to a JSON-lines file), and ``--show
+FILE`` prints stored results (``benchmarks/results/bench_model.jsonl``, discussed in the guide's
+section 17). asv runs :class:`MainJob` and :class:`LlamaBlockMemory`.
 """
 
 from __future__ import annotations
@@ -99,7 +58,7 @@ except ImportError:
 
 #: Threads of the measured children.
 THREADS = 1
-#: The issue's limit on the main job (seconds).
+#: The wall time the main job should stay within on a 2-core CPU (seconds).
 MAIN_JOB_LIMIT_S = 300
 MIB = 2 ** 20
 
@@ -246,30 +205,38 @@ def main_job(*, threads: int = THREADS, timeout: float = 900, options: tuple[str
 
 
 class _Profile:
-    """Exclusive wall and CPU time per label: wrapped calls nest, a caller's time excludes its
-    wrapped callees' (``time.process_time``: this process's CPU, all its threads)."""
+    """Exclusive wall and CPU time per label: spans (wrapped calls, or :meth:`begin` ...
+    :meth:`end`) nest, and a span's time excludes the spans inside it (``time.process_time``:
+    this process's CPU, all its threads)."""
 
     def __init__(self) -> None:
         self.wall: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
-        self._children: list[list[float]] = []
+        self._open: list[list[float]] = []   # per open span: its start, and its inner spans' time
+
+    def begin(self) -> None:
+        """Open a span, closed by the next :meth:`end`."""
+        self._open.append([time.perf_counter(), time.process_time(), 0.0, 0.0])
+
+    def end(self, label: str) -> None:
+        """Close the innermost open span, counting its time under ``label``."""
+        start_wall, start_cpu, inner_wall, inner_cpu = self._open.pop()
+        wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
+        self.wall[label] = self.wall.get(label, 0.0) + wall - inner_wall
+        self.cpu[label] = self.cpu.get(label, 0.0) + cpu - inner_cpu
+        if self._open:
+            self._open[-1][2] += wall
+            self._open[-1][3] += cpu
 
     def wrap(self, label, function):
         """``function`` timed under ``label`` (a string, or a function of the call's arguments)."""
         def timed(*args, **kwargs):
             name = label(*args, **kwargs) if callable(label) else label
-            self._children.append([0.0, 0.0])
-            wall, cpu = time.perf_counter(), time.process_time()
+            self.begin()
             try:
                 return function(*args, **kwargs)
             finally:
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                inner_wall, inner_cpu = self._children.pop()
-                self.wall[name] = self.wall.get(name, 0.0) + wall - inner_wall
-                self.cpu[name] = self.cpu.get(name, 0.0) + cpu - inner_cpu
-                if self._children:
-                    self._children[-1][0] += wall
-                    self._children[-1][1] += cpu
+                self.end(name)
         return timed
 
     def run(self, label, function, *args, **kwargs):
@@ -277,8 +244,11 @@ class _Profile:
 
 
 def _profile_child(threads: int) -> dict:
-    """The main job's steps (those of ``matfactor compress`` with its defaults), each timed; the
-    pipeline's internals are timed by wrapping them (the same calls, in this process only)."""
+    """The main job's steps, each timed (runs in the child): those of ``matfactor compress``
+    with its defaults but the solves in this process, on 128 calibration texts. Each layer's
+    solve is a span from its group's calibration (or the previous layer of the group) to its
+    replacement, told by an observer; other internals are timed by wrapping them (the same
+    calls, in this process only)."""
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     profile = _Profile()
 
@@ -295,13 +265,25 @@ def _profile_child(threads: int) -> dict:
     import torch
 
     from matfactor import ReconstructionStatistics
-    from matfactor.adapters import Recipe, compress_model, load_compressed, save_compressed
+    from matfactor.adapters import PipelineObserver, Recipe, compress_model, load_compressed, save_compressed
     from matfactor.adapters import calibration, pipeline, text
 
-    def layer_kind(name, *args, **kwargs):
-        return "solve " + next((kind for kind in _LAYER_KINDS if name.endswith(kind)), "other")
+    class SolveSpans(PipelineObserver):
+        """A span of the profile per layer solve (the run has no journal: every layer is solved)."""
 
-    pipeline.solve_layer = profile.wrap(layer_kind, pipeline.solve_layer)
+        pending = 0   # layers of the current group still to be solved
+
+        def layers_calibrated(self, layers):
+            self.pending = len(layers)
+            profile.begin()
+
+        def layer_solved(self, report, solution):
+            kind = next((kind for kind in _LAYER_KINDS if report.name.endswith(kind)), "other")
+            profile.end(f"solve {kind}")
+            self.pending -= 1
+            if self.pending:
+                profile.begin()
+
     pipeline._capture_first_inputs = profile.wrap("capture first-block inputs",
                                                   pipeline._capture_first_inputs)
     pipeline.compressed_module = profile.wrap("build compressed modules", pipeline.compressed_module)
@@ -313,7 +295,7 @@ def _profile_child(threads: int) -> dict:
     embeddings = text.sentence_embeddings
     calls = []
 
-    def which_embeddings(model, batches):
+    def which_embeddings(model, batches, **options):
         calls.append(model)
         return "evaluate: dense embeddings" if len(calls) % 2 else "evaluate: compressed embeddings"
 
@@ -329,7 +311,7 @@ def _profile_child(threads: int) -> dict:
     batches = profile.run("calibration texts, tokenize", calibration_batches)
     report = profile.run("compress_model: block forward passes and the rest", compress_model, model,
                          batches, Recipe.single("dsf", density=0.5), sequential=True, mix=0.5,
-                         seed=0, progress=False)
+                         seed=0, progress=False, observer=SolveSpans())
     profile.run("report", report.format_table)
     with tempfile.TemporaryDirectory(prefix="matfactor-profile-") as directory:
         profile.run("save", save_compressed, model, Path(directory) / "out", tokenizer=tokenizer)
@@ -362,7 +344,7 @@ def profile_main_job(*, threads: int = THREADS, timeout: float = 1200) -> dict:
 class MainJob:
     """The README's main job (``matfactor compress`` with its defaults), end to end, once.
 
-    ``track_seconds`` is its wall time (the issue's limit is 300 s on a 2-core CPU),
+    ``track_seconds`` is its wall time (at most :data:`MAIN_JOB_LIMIT_S` on a 2-core CPU),
     ``track_cpu_seconds`` its CPU time (user + system: on one thread, the wall time it would
     take on an otherwise idle machine), ``track_peak_rss`` the largest peak resident memory of
     the child and its workers, ``track_peak_memory_all_processes`` the peak of their summed PSS.
@@ -462,8 +444,7 @@ def _llama_child(mix: float, method: str, batches: int, tokens: int, threads: in
     import torch
     from transformers import LlamaConfig, LlamaModel
 
-    from matfactor.adapters import Recipe, compress_model
-    from matfactor.adapters import pipeline
+    from matfactor.adapters import PipelineObserver, Recipe, compress_model
     from matfactor.testing import realistic_layer
 
     start = time.perf_counter()
@@ -488,24 +469,24 @@ def _llama_child(mix: float, method: str, batches: int, tokens: int, threads: in
         model(**calibration[0])
     forward = phases.mark("one batch through the dense model")
 
-    solve = getattr(pipeline, "_solve_and_replace", None)  # private: phases only while it exists
+    class GroupPhases(PipelineObserver):
+        """Ends a phase when a group's calibration pass is done, and when its last layer is
+        replaced."""
 
-    def measured_solve(model, hooks, targets, names, *args, **kwargs):
-        short = "/".join(name.rsplit(".", 1)[-1] for name in names)
-        phases.mark(f"calibration pass for {short}")
-        reports = solve(model, hooks, targets, names, *args, **kwargs)
-        phases.mark(f"solve {short}")
-        return reports
+        def layers_calibrated(self, layers):
+            self.group, self.pending = "/".join(name.rsplit(".", 1)[-1] for name in layers), set(layers)
+            phases.mark(f"calibration pass for {self.group}")
 
-    if solve is not None:
-        pipeline._solve_and_replace = measured_solve  # instrumentation only: the same solve
+        def layer_solved(self, report, solution):
+            self.pending.discard(report.name)
+            if not self.pending:
+                phases.mark(f"solve {self.group}")
+
     start = time.perf_counter()
     report = compress_model(model, calibration, Recipe.single(method, density=0.5), mix=mix,
-                            progress=False)
+                            progress=False, observer=GroupPhases())
     seconds = time.perf_counter() - start
     phases.mark("output pass, return")
-    if solve is not None:
-        pipeline._solve_and_replace = solve
     gc.collect()
     after_mib = _status_kib("VmRSS") / 1024
 

@@ -1,8 +1,8 @@
-"""PIFA layer speed against the dense layer and the two-factor low-rank layer (issue 3).
+"""PIFA layer speed against the dense layer and the two-factor low-rank layer.
 
 At the same density, the PIFA layer does ``r (d_in + d_out − r)`` multiply-adds per sample
 against ``d_in · d_out`` for the dense layer (PIFA paper, section 3.3); at the same rank the
-two-factor layer ``(X @ U) @ Vᵀ`` does ``r (d_in + d_out)``. The issue's targets: a speed-up
+two-factor layer ``(X @ U) @ Vᵀ`` does ``r (d_in + d_out)``. The targets: a speed-up
 over dense within 80% of that FLOP ratio (``track_flop_ratio_attained >= 0.8``), and faster
 than the two-factor layer at the same rank (``track_speedup_over_lowrank > 1``).
 """

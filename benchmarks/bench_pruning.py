@@ -1,4 +1,4 @@
-"""Pruning: ADMM speed against one GEMM, and the quality of every pruner (issue 2)."""
+"""Pruning: ADMM speed against one GEMM, and the quality of every pruner."""
 
 from __future__ import annotations
 

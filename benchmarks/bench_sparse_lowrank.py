@@ -1,4 +1,4 @@
-"""Sparse plus low rank (issue 5; HASSLE-free paper, section 5 and Figure 1): per-iteration cost
+"""Sparse plus low rank (HASSLE-free paper, section 5 and Figure 1): per-iteration cost
 against one GEMM, and layer error of the full-Hessian method against OATS (its diagonal case),
 of the exact low-rank step against Low-Rank-GD, in the paper's two budget settings."""
 

@@ -61,7 +61,8 @@ numpydoc_show_class_members = False
 numpydoc_xref_param_type = False
 numpydoc_validation_checks: set[str] = set()
 
-doctest_global_setup = """
+doctest_global_setup = f"""
+DOCS_DIR = {os.path.dirname(os.path.abspath(__file__))!r}  # the pages' examples read files beside them
 import os
 for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")

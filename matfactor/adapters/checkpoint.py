@@ -81,16 +81,14 @@ model's state dict. All of it is checked before the model is modified.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -99,17 +97,18 @@ from torch import nn
 import matfactor
 
 from .layers import is_compressible, weight_matrix
-from .modules import (
-    CompressedModule,
-    DoubleSparseLinear,
-    LowRankLinear,
-    PifaLinear,
-    SparseConv2d,
-    SparseLinear,
-    SparseLowRankLinear,
-    UnfoldedConv2d,
-    replace_module,
+from ._storage import (
+    CONV_KINDS,
+    CheckpointError,
+    Tensors,
+    dtype_name,
+    geometry,
+    pack_module,
+    rebuild_module,
+    sha256,
+    write_atomically,
 )
+from .modules import CompressedModule, replace_module
 
 __all__ = [
     "FORMAT",
@@ -138,43 +137,8 @@ FOREIGN_LOADER_MESSAGE = ("this is a matfactor checkpoint of compressed layers, 
                           "write a dense copy that transformers loads with 'matfactor export "
                           "--compressed DIR --out DENSE_DIR' (matfactor.adapters.export_dense)")
 
-#: Per kind of compressed (linear or convolution) module: its packed tensors and its dense ones,
-#: by attribute name.
-_TENSORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "sparse_linear": (("weight",), ()),
-    "double_sparse_linear": (("A", "B"), ()),
-    "lowrank_linear": ((), ("U", "V")),
-    "pifa_linear": ((), ("pivots", "non_pivots", "W_p", "C")),
-    "sparse_lowrank_linear": (("weight",), ("U", "V")),
-    "sparse_conv2d": (("weight",), ()),
-}
-_CONV_KINDS = ("sparse_conv2d", "unfolded_conv2d")
-_GEOMETRY = ("kernel_size", "stride", "padding", "dilation")
-
-#: Rebuild a module of each kind from its tensors (``"bias"`` among them when it has one) and its
-#: manifest entry; the constructors check values, patterns and pivots.
-_BUILDERS: dict[str, Callable[[dict[str, torch.Tensor], dict[str, Any]], CompressedModule]] = {
-    "sparse_linear": lambda t, e: SparseLinear(
-        t["weight"].T, t.get("bias"), pattern=e["pattern"], density=e["density"],
-        compression=e["compression"]),
-    "double_sparse_linear": lambda t, e: DoubleSparseLinear(
-        t["A"], t["B"], t.get("bias"), density=e["density"], compression=e["compression"]),
-    "lowrank_linear": lambda t, e: LowRankLinear(
-        t["U"], t["V"], t.get("bias"), compression=e["compression"]),
-    "pifa_linear": lambda t, e: PifaLinear(
-        t["pivots"], t["non_pivots"], t["W_p"], t["C"], t.get("bias"), compression=e["compression"]),
-    "sparse_lowrank_linear": lambda t, e: SparseLowRankLinear(
-        t["weight"].T, t["U"], t["V"], t.get("bias"), pattern=e["pattern"], density=e["density"],
-        compression=e["compression"]),
-    "sparse_conv2d": lambda t, e: SparseConv2d(
-        t["weight"], t.get("bias"), **{key: e["conv"][key] for key in _GEOMETRY[1:]},
-        pattern=e["pattern"], density=e["density"], compression=e["compression"]),
-}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded: missing, damaged, inconsistent or not
-    fitting the model. The message names the file, tensor or module at fault."""
 
 
 @dataclass(frozen=True)
@@ -239,26 +203,12 @@ class CheckpointSummary:
 # --------------------------------------------------------------------------- helpers
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
-def _describe(key: str, tensor: torch.Tensor) -> dict[str, Any]:
-    return {"key": key, "shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype)}
 
 
-def _geometry(conv: nn.Module) -> dict[str, Any]:
-    """The geometry of an ``nn.Conv2d`` or compressed convolution, as the manifest records it."""
-    return {"in_channels": conv.in_channels, "out_channels": conv.out_channels,
-            **{key: list(getattr(conv, key)) for key in _GEOMETRY}}
 
 
-def _matrix_shape(module: CompressedModule) -> tuple[int, int]:
-    """``(d_in, d_out)`` of a compressed module's ``Ŵ``, without forming it."""
-    if isinstance(module, SparseConv2d):
-        return module.weight[0].numel(), module.out_channels
-    inner = module.linear if isinstance(module, UnfoldedConv2d) else module
-    return inner.in_features, inner.out_features
 
 
 def _compressed_modules(model: nn.Module) -> dict[str, CompressedModule]:
@@ -297,26 +247,6 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     return unique, aliases
 
 
-def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file next to ``target``, flush it to disk, then rename it over
-    ``target``: readers see the old file or the complete new one, never a partial one."""
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        try:
-            write(temporary)
-        except SafetensorError as error:  # e.g. a full disk, reported by the Rust writer
-            raise OSError(f"cannot write {target}: {error}") from error
-        except OSError as error:  # the message names the file (a full disk's does not)
-            raise OSError(error.errno, f"cannot write {target}: {error.strerror or error}") from error
-        # safetensors creates its files readable by the owner only; every file of a checkpoint
-        # gets the mode of any new file (0644 under the usual umask)
-        os.chmod(temporary, 0o666 & ~_umask())
-        with open(temporary, "rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-        _fsync_directory(target.parent)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _guard_config(config_path: Path) -> None:
@@ -325,131 +255,26 @@ def _guard_config(config_path: Path) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["transformers_weights"] = FOREIGN_LOADER_MESSAGE
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _write_atomically(config_path, lambda target: target.write_text(text, encoding="utf-8"))
+    write_atomically(config_path, lambda target: target.write_text(text, encoding="utf-8"))
 
 
-def _umask() -> int:
-    """The process's file mode creation mask (reading it means setting it: set it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Flush a directory's entries (a rename in it) to disk, where the system allows it."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:  # a system without directory descriptors (Windows)
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- saving
 
 
-def _pack_sparse(key: str, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``tensor``'s nonzeros in row-major order and its bitmask (``numpy.packbits`` of the
-    row-major support), as file tensors under ``key``, and their manifest description."""
-    mask = tensor != 0
-    values = tensor[mask]
-    bitmask = torch.from_numpy(np.packbits(mask.numpy().reshape(-1)))
-    values_key, bitmask_key = f"{key}.values", f"{key}.bitmask"
-    return {values_key: values, bitmask_key: bitmask}, {
-        "layout": "bitmask", "shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype),
-        "nnz": values.numel(), "values": _describe(values_key, values),
-        "bitmask": _describe(bitmask_key, bitmask)}
 
 
-def _pack_dense(key: str, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``tensor`` as a file tensor under ``key`` (indices as ``int32``, plenty for any layer
-    width) and its manifest description."""
-    tensor = tensor.contiguous() if tensor.is_floating_point() else tensor.to(torch.int32)
-    return {key: tensor}, {"layout": "dense", **_describe(key, tensor)}
 
 
-def _pack_module(name: str, module: CompressedModule,
-                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The manifest entry of ``module`` and its tensors for the file (on the CPU)."""
-    inner = module.linear if isinstance(module, UnfoldedConv2d) else module
-    if inner.kind not in _TENSORS:
-        raise TypeError(f"module {name!r}: cannot save a {type(inner).__name__} (kind "
-                        f"{inner.kind!r}); checkpoints hold the modules of "
-                        "matfactor.adapters.modules")
-    sparse, dense = _TENSORS[inner.kind]
-    files: dict[str, torch.Tensor] = {}
-    described: dict[str, Any] = {}
-    for attribute in sparse + dense:
-        pack = _pack_sparse if attribute in sparse else _pack_dense
-        tensor_files, described[attribute] = pack(f"{name}.{attribute}",
-                                                   getattr(inner, attribute).detach().cpu())
-        files.update(tensor_files)
-    stored_bytes = sum(tensor.nbytes for tensor in files.values())
-    if inner.bias is not None:
-        bias_files, described["bias"] = _pack_dense(f"{name}.bias", inner.bias.detach().cpu())
-        files.update(bias_files)
-    dtype = next(t.dtype for t in inner.parameters())
-    d_in, d_out = _matrix_shape(module)
-    entry = {"kind": module.kind, "inner_kind": inner.kind if inner is not module else None,
-             "shape": [d_in, d_out], "dtype": _dtype_name(dtype), "bias": inner.bias is not None,
-             "conv": _geometry(module) if module.kind in _CONV_KINDS else None,
-             "pattern": getattr(inner, "pattern", None), "density": getattr(inner, "density", None),
-             "compression": module.compression, "n_params": module.n_params,
-             "nnz": sum(described[a]["nnz"] for a in sparse) if sparse else None,
-             "dense_bytes": d_in * d_out * dtype.itemsize, "stored_bytes": stored_bytes,
-             "tensors": described}
-    return entry, files
 
 
-def _packed_module(name: str, module: CompressedModule,
-                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor], CompressedModule]:
-    """``module`` as a checkpoint stores it, and the module rebuilt from that.
-
-    Returns
-    -------
-    entry, files, rebuilt
-        Its manifest entry, its tensors for a safetensors file (on the CPU), and the module
-        :func:`load_compressed` makes of them, in ``module``'s device and training mode. The
-        rebuilt module computes exactly what a loaded checkpoint computes, so that a pipeline
-        that goes on with it is reproduced by one that resumes from the stored files.
-    """
-    entry, files = _pack_module(name, module)
-    rebuilt = _rebuild_module(entry, _Tensors(dict(files)), f"module {name!r}")
-    device = next(module.parameters()).device
-    return entry, files, rebuilt.to(device).train(module.training)
 
 
-def _module_from_files(name: str, entry: dict[str, Any], files: dict[str, torch.Tensor]) -> CompressedModule:
-    """The compressed module of a manifest ``entry`` and its tensors ``files`` (as written by
-    :func:`_packed_module`), all of them checked as :func:`load_compressed` checks them.
-
-    Raises
-    ------
-    CheckpointError
-        Tensors missing, extra, of another shape or dtype, or values the module refuses.
-    """
-    tensors = _Tensors(files)
-    try:
-        module = _rebuild_module(entry, tensors, f"module {name!r}")
-    except (KeyError, TypeError) as error:
-        raise CheckpointError(f"module {name!r}: malformed entry ({type(error).__name__}: {error})") \
-            from error
-    extra = sorted(set(files) - tensors.used)
-    if extra:
-        raise CheckpointError(f"module {name!r}: tensors not in its entry: {extra}")
-    return module
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike[str], *,
@@ -506,7 +331,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *,
     entries: dict[str, Any] = {}
     files: dict[str, torch.Tensor] = {}
     for name, module in compressed.items():
-        entries[name], module_files = _pack_module(name, module)
+        entries[name], module_files = pack_module(name, module)
         files.update(module_files)
     prefixes = tuple(f"{name}." for name in compressed)
     state, aliases = _unshared({key: value for key, value in model.state_dict().items()
@@ -529,7 +354,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *,
         tokenizer.save_pretrained(path)
 
     weights_path = path / WEIGHTS_NAME
-    _write_atomically(weights_path, lambda target: save_file(files, str(target),
+    write_atomically(weights_path, lambda target: save_file(files, str(target),
                                                              metadata={"format": "pt"}))
     file_bytes = weights_path.stat().st_size
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
@@ -539,16 +364,16 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *,
         "matfactor_version": matfactor.__version__,
         "model_class": type(model).__name__,
         "architectures": None if config is None else config.architectures,
-        "dtype": None if dtype is None else _dtype_name(dtype),
+        "dtype": None if dtype is None else dtype_name(dtype),
         "source": None if source is None else str(source),
-        "weights": {"file": WEIGHTS_NAME, "sha256": _sha256(weights_path), "bytes": file_bytes},
-        "state": {key: {"shape": list(value.shape), "dtype": _dtype_name(value.dtype)}
+        "weights": {"file": WEIGHTS_NAME, "sha256": sha256(weights_path), "bytes": file_bytes},
+        "state": {key: {"shape": list(value.shape), "dtype": dtype_name(value.dtype)}
                   for key, value in state.items()},
         "aliases": aliases,
         "modules": entries,
     }
     text = json.dumps(manifest, indent=1, allow_nan=False)
-    _write_atomically(manifest_path, lambda target: target.write_text(text, encoding="utf-8"))
+    write_atomically(manifest_path, lambda target: target.write_text(text, encoding="utf-8"))
     return CheckpointSummary(path, {name: ModuleBytes(entry["kind"], entry["dense_bytes"],
                                                       entry["stored_bytes"])
                                     for name, entry in entries.items()}, file_bytes)
@@ -597,7 +422,7 @@ def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tenso
     weights_path = path / _WEIGHTS_FILES[manifest["format_version"]]
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path} is missing")
-    if _sha256(weights_path) != manifest["weights"].get("sha256"):
+    if sha256(weights_path) != manifest["weights"].get("sha256"):
         raise CheckpointError(f"{weights_path} is damaged: its sha256 differs from the one in "
                               f"{MANIFEST_NAME} (truncated, modified or from another save)")
     try:
@@ -607,59 +432,8 @@ def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tenso
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from error
 
 
-class _Tensors:
-    """The weights file's tensors, each handed out once against its manifest description."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-        self.used: set[str] = set()
-
-    def take(self, description: dict[str, Any], where: str) -> torch.Tensor:
-        key = description["key"]
-        if key in self.used:
-            raise CheckpointError(f"{where}: tensor {key!r} is described twice in the manifest")
-        if key not in self.tensors:
-            raise CheckpointError(f"{where}: tensor {key!r} is missing from {WEIGHTS_NAME}")
-        tensor = self.tensors[key]
-        found = (list(tensor.shape), _dtype_name(tensor.dtype))
-        if found != (list(description["shape"]), description["dtype"]):
-            raise CheckpointError(f"{where}: tensor {key!r} is {found[1]} of shape {found[0]} in "
-                                  f"{WEIGHTS_NAME}, but the manifest says {description['dtype']} "
-                                  f"of shape {description['shape']}")
-        self.used.add(key)
-        return tensor
 
 
-def _unpack(description: dict[str, Any], tensors: _Tensors, where: str) -> torch.Tensor:
-    """The dense tensor of a (dense or bitmask-packed) manifest tensor description."""
-    if description["layout"] == "dense":
-        return tensors.take(description, where)
-    if description["layout"] != "bitmask":
-        raise CheckpointError(f"{where}: unknown layout {description['layout']!r}")
-    values = tensors.take(description["values"], where)
-    bitmask = tensors.take(description["bitmask"], where)
-    shape = tuple(description["shape"])
-    size = math.prod(shape)
-    if values.ndim != 1 or _dtype_name(values.dtype) != description["dtype"] \
-            or bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (-(-size // 8),):
-        raise CheckpointError(f"{where}: a {description['dtype']} tensor of shape {list(shape)} "
-                              f"needs 1-D {description['dtype']} values and a uint8 bitmask of "
-                              f"{-(-size // 8)} bytes, got {list(values.shape)} "
-                              f"{_dtype_name(values.dtype)} and {list(bitmask.shape)} "
-                              f"{_dtype_name(bitmask.dtype)}")
-    bits = np.unpackbits(bitmask.numpy())
-    if bits[size:].any():
-        raise CheckpointError(f"{where}: bitmask {description['bitmask']['key']!r} has bits set "
-                              f"past the tensor's {size} elements")
-    mask = torch.from_numpy(bits[:size].astype(bool)).reshape(shape)
-    count = int(mask.sum())
-    if count != values.numel():
-        raise CheckpointError(f"{where}: bitmask {description['bitmask']['key']!r} has {count} bits "
-                              f"set but {description['values']['key']!r} holds {values.numel()} "
-                              "values")
-    dense = torch.zeros(shape, dtype=values.dtype)
-    dense[mask] = values
-    return dense
 
 
 def _target_layer(model: nn.Module, name: str, entry: dict[str, Any], where: str) -> nn.Module:
@@ -669,7 +443,7 @@ def _target_layer(model: nn.Module, name: str, entry: dict[str, Any], where: str
     except AttributeError:
         raise CheckpointError(f"{where} is not in the model ({type(model).__name__}): the "
                               "checkpoint is mismatched with it") from None
-    conv = entry["kind"] in _CONV_KINDS
+    conv = entry["kind"] in CONV_KINDS
     if not is_compressible(layer) or isinstance(layer, nn.Conv2d) != conv:
         raise CheckpointError(f"{where}: the model has a {type(layer).__name__} there, the "
                               f"checkpoint a {entry['kind']} (mismatched)")
@@ -680,41 +454,12 @@ def _target_layer(model: nn.Module, name: str, entry: dict[str, Any], where: str
     if shape != list(entry["shape"]):
         raise CheckpointError(f"{where}: the model's layer has a (d_in, d_out) = {shape} weight "
                               f"matrix, the checkpoint's {entry['shape']} (mismatched)")
-    if conv and _geometry(layer) != entry["conv"]:
-        raise CheckpointError(f"{where}: the model's convolution has geometry {_geometry(layer)}, "
+    if conv and geometry(layer) != entry["conv"]:
+        raise CheckpointError(f"{where}: the model's convolution has geometry {geometry(layer)}, "
                               f"the checkpoint's {entry['conv']} (mismatched)")
     return layer
 
 
-def _rebuild_module(entry: dict[str, Any], tensors: _Tensors, where: str) -> CompressedModule:
-    kind = entry["kind"]
-    linear_kind = entry["inner_kind"] if kind == "unfolded_conv2d" else kind
-    if linear_kind not in _BUILDERS or (kind == "unfolded_conv2d" and linear_kind in _CONV_KINDS):
-        raise CheckpointError(f"{where}: unknown kind {kind!r} (inner kind {entry['inner_kind']!r})")
-    sparse, dense = _TENSORS[linear_kind]
-    expected = set(sparse + dense) | ({"bias"} if entry["bias"] else set())
-    if set(entry["tensors"]) != expected:
-        raise CheckpointError(f"{where}: a {linear_kind} has the tensors {sorted(expected)}, the "
-                              f"manifest lists {sorted(entry['tensors'])}")
-    values = {attribute: _unpack(description, tensors, f"{where}, tensor {attribute!r}")
-              for attribute, description in entry["tensors"].items()}
-    try:
-        module = _BUILDERS[linear_kind](values, entry)
-        if kind == "unfolded_conv2d":
-            conv = entry["conv"]
-            module = UnfoldedConv2d(module, in_channels=conv["in_channels"],
-                                    **{key: conv[key] for key in _GEOMETRY})
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{where}: {error}") from error
-    built = {"shape": list(_matrix_shape(module)),
-             "dtype": _dtype_name(next(module.parameters()).dtype)}
-    if kind in _CONV_KINDS:
-        built["conv"] = _geometry(module)
-    described = {key: entry[key] for key in built}
-    if built != described:
-        raise CheckpointError(f"{where}: its tensors make a module with {built}, the manifest "
-                              f"says {described}")
-    return module
 
 
 def _new_model(path: Path, manifest: dict[str, Any]) -> nn.Module:
@@ -740,7 +485,7 @@ def _new_model(path: Path, manifest: dict[str, Any]) -> nn.Module:
 
 
 def _rebuild_modules(path: Path, model: nn.Module, manifest: dict[str, Any],
-                     tensors: _Tensors) -> dict[str, CompressedModule]:
+                     tensors: Tensors) -> dict[str, CompressedModule]:
     """The manifest's compressed modules, checked against the model's layers they replace and
     put in those layers' dtype and device."""
     replacements: dict[str, CompressedModule] = {}
@@ -748,7 +493,7 @@ def _rebuild_modules(path: Path, model: nn.Module, manifest: dict[str, Any],
         where = f"module {name!r}"
         try:
             layer = _target_layer(model, name, entry, where)
-            module = _rebuild_module(entry, tensors, where)
+            module = rebuild_module(entry, tensors, where)
         except (KeyError, TypeError) as error:
             raise CheckpointError(f"{path / MANIFEST_NAME}: malformed entry for {where} "
                                   f"({type(error).__name__}: {error})") from error
@@ -756,7 +501,7 @@ def _rebuild_modules(path: Path, model: nn.Module, manifest: dict[str, Any],
     return replacements
 
 
-def _remaining_state(path: Path, model: nn.Module, manifest: dict[str, Any], tensors: _Tensors,
+def _remaining_state(path: Path, model: nn.Module, manifest: dict[str, Any], tensors: Tensors,
                      prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The stored state outside the compressed modules (aliases resolved), checked to be all of
     the file's remaining tensors and to fit the model's state dict outside ``prefixes``."""
@@ -829,7 +574,7 @@ def load_compressed(path: str | os.PathLike[str], *, model: nn.Module | None = N
         raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
     path = Path(path)
     manifest = _read_manifest(path)
-    tensors = _Tensors(_read_weights(path, manifest))
+    tensors = Tensors(_read_weights(path, manifest), WEIGHTS_NAME)
     if model is None:
         model = _new_model(path, manifest)
 

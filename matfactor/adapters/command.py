@@ -21,6 +21,7 @@ The command sits above the core and the rest of the adapters (it needs the ``hf`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import math
 import os
@@ -34,8 +35,29 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
-_METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "dsf", "lowrank", "weighted_lowrank", "pifa",
-            "mpifa", "sparse_lowrank")
+_PLUGIN_HELP = ("a module name or .py file to import first, which registers methods of its own "
+                "(matfactor.adapters.register_method); repeatable")
+
+
+def _methods() -> tuple[str, ...]:
+    """The registered methods' names (the built-in ones and those of imported plugins)."""
+    from matfactor.adapters.methods import METHODS
+
+    return tuple(METHODS)
+
+
+def _import_plugins(argv: list[str]) -> None:
+    """Import the ``--plugin`` modules given anywhere in ``argv``, before the parser is built,
+    so that their methods are choices of ``--method`` and their modules load from checkpoints."""
+    from matfactor.adapters.methods import import_plugin
+
+    scan = argparse.ArgumentParser(add_help=False)
+    scan.add_argument("--plugin", action="append", default=[])
+    for spec in scan.parse_known_args(argv)[0].plugin:
+        try:
+            import_plugin(spec)
+        except Exception as error:  # any failure of a user's module: its own message
+            scan.exit(2, f"matfactor: error: --plugin {spec}: {type(error).__name__}: {error}\n")
 
 
 def _fraction(*, zero_allowed: bool) -> Any:
@@ -83,12 +105,13 @@ def _byte_count(text: str) -> int:
 
 def _method(text: str) -> str:
     """An argparse type for a method name, with the nearest names for a mistyped one."""
-    if text in _METHODS:
+    methods = _methods()
+    if text in methods:
         return text
-    close = difflib.get_close_matches(text, _METHODS, n=2, cutoff=0.5)
+    close = difflib.get_close_matches(text, methods, n=2, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
     raise argparse.ArgumentTypeError(f"unknown method {text!r}{hint} (choose from "
-                                     f"{', '.join(_METHODS)})")
+                                     f"{', '.join(methods)}, or register one with --plugin)")
 
 
 def _output_directory(text: str) -> Path:
@@ -183,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="dtype the weights are loaded and kept in (default: the model's own; "
                                "the solves compute in float32)")
     compress.add_argument("--method", type=_method, metavar="METHOD",
-                          help=f"compression method: {', '.join(_METHODS)} (default: dsf)")
+                          help=f"compression method: {', '.join(_methods())} (default: dsf)")
     budget = compress.add_mutually_exclusive_group()
     budget.add_argument("--density", type=_fraction(zero_allowed=False),
                         help="kept fraction of each layer's parameters (default 0.5)")
@@ -290,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--memory-limit", type=_byte_count, metavar="SIZE",
                       help="memory one layer solve may use (default: the device's available "
                            "memory shared by the workers)")
+    for command in (compress, evaluate, export, plan):
+        command.add_argument("--plugin", action="append", metavar="MODULE", help=_PLUGIN_HELP)
     return parser
 
 
@@ -448,14 +473,19 @@ def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     plan.check()
     with open_pool(args.executor, workers=workers, threads=args.threads, address=args.scheduler,
                    device=device, quiet=args.quiet) as pool:
-        memory_limit = args.memory_limit or pool.memory
+        if args.memory_limit is None and args.executor != "process" and pool.memory is not None:
+            # a cluster says what one solve may use once it runs (a local pool shares this
+            # machine's memory, which the plan has counted): the same needs, the cluster's limit
+            plan = dataclasses.replace(plan, limit=pool.memory,
+                                       limit_source=f"{pool.description}: memory per solve")
+            plan.check()
         if not args.quiet:
             print(f"layer solves: {pool.description}, {args.threads} thread(s) each; finished "
                   f"layers are recorded in {args.out}")
         report = compress_model(model, batches, recipe, sequential=not args.one_shot, device=device,
                                 mix=args.mix, seed=args.seed, executor=pool.executor,
                                 threads=args.threads, resume_dir=args.out, restart=args.restart,
-                                memory_limit=memory_limit, progress=not args.quiet)
+                                plan=plan, progress=not args.quiet)
     print(report.format_table())
     summary = save_compressed(model, args.out, tokenizer=tokenizer, source=source.name or
                               str((source.directory / (source.gguf_file or "")).resolve()))
@@ -575,7 +605,7 @@ def _plan(args: argparse.Namespace) -> None:
     device = torch.device(args.device) if args.device else next(model.parameters()).device
     workers = args.workers or _default_workers(device)
     refused = []
-    for method in [args.method] if args.method else _METHODS:
+    for method in [args.method] if args.method else _methods():
         plan = compression_plan(model, Recipe.single(method, density=args.density), device=device,
                                 concurrent=workers, memory_limit=args.memory_limit)
         print(plan.format_table().replace("memory plan", f"{method} at density {args.density}: memory plan"))
@@ -594,6 +624,8 @@ def main(argv: list[str] | None = None) -> None:
     (and SIGTERM) with one line saying what was kept, exit status 130. The workers of a local
     pool end with the command, however it ends.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _import_plugins(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"compress": lambda: _compress(args, parser), "evaluate": lambda: _evaluate(args),

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import threading
 import types
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -43,7 +45,7 @@ import torch
 
 from matfactor import ReconstructionStatistics
 
-from .methods import LayerSolution, reduce_by_value, solve_layer
+from .methods import LayerSolution, declaring_modules, reduce_by_value, solve_layer
 
 __all__ = ["DaskExecutor", "LayerTask", "Pool", "RayExecutor", "SolvePool", "dask_executor", "open_pool",
            "process_pool", "ray_executor", "run_task", "usable_cpus"]
@@ -160,15 +162,23 @@ def _end_with_parent() -> None:
     threading.Thread(target=wait_for_parent, name="matfactor-parent-watch", daemon=True).start()
 
 
-def _start_worker() -> None:
+def _start_worker(method_modules: tuple[str, ...] = ()) -> None:
     """Initializer of every :func:`process_pool` worker.
 
     Ctrl-C in a terminal sends SIGINT to the whole process group: the parent handles it and ends
     the pool, so a worker ignores it (instead of printing a ``KeyboardInterrupt`` traceback of
-    its own); and a worker ends when its parent is gone (:func:`_end_with_parent`).
+    its own); a worker ends when its parent is gone (:func:`_end_with_parent`); and it imports
+    the modules that registered methods in the parent (a spawned process starts with none of
+    them), so that it solves the same methods.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _end_with_parent()
+    for module in method_modules:
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # a solve of its methods then says they are unknown here
+            print(f"matfactor worker: cannot import {module!r}, which registers methods in the "
+                  f"parent process: {type(error).__name__}: {error}", file=sys.stderr)
 
 
 class SolvePool(ProcessPoolExecutor):
@@ -212,7 +222,7 @@ def process_pool(workers: int) -> SolvePool:
     (:class:`SolvePool`).
     """
     return SolvePool(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                     initializer=_start_worker)
+                     initializer=_start_worker, initargs=(declaring_modules(),))
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ from torch import nn
 
 import matfactor
 
-from .checkpoint import CheckpointError, _module_from_files, _packed_module, _sha256, _write_atomically
+from ._storage import CheckpointError, module_from_files, packed_module, sha256, write_atomically
 from .modules import CompressedModule
 
 __all__ = ["RUN_NAME", "RunJournal", "RunMismatchError", "discard_run", "finished_layers",
@@ -161,7 +161,7 @@ class RunJournal:
         for leftover in self.layers.glob(".*.tmp"):  # a write a killed run did not finish
             leftover.unlink(missing_ok=True)
         text = json.dumps(record, indent=1, sort_keys=True)
-        _write_atomically(run_path, lambda target: target.write_text(text, encoding="utf-8"))
+        write_atomically(run_path, lambda target: target.write_text(text, encoding="utf-8"))
 
     def _paths(self, name: str) -> tuple[Path, Path]:
         return self.layers / f"{name}.safetensors", self.layers / f"{name}.json"
@@ -180,7 +180,7 @@ class RunJournal:
             return None
         try:
             record = json.loads(entry_path.read_text(encoding="utf-8"))
-            if not tensors_path.is_file() or _sha256(tensors_path) != record["sha256"]:
+            if not tensors_path.is_file() or sha256(tensors_path) != record["sha256"]:
                 raise CheckpointError(f"{tensors_path} is missing or damaged (its sha256 differs "
                                       f"from {entry_path.name}'s)")
             files = load_file(str(tensors_path))
@@ -190,7 +190,7 @@ class RunJournal:
                                   f"({type(error).__name__}: {error}); restart the run") from error
         except CheckpointError as error:
             raise CheckpointError(f"finished layer {name!r}: {error}; restart the run") from error
-        return _module_from_files(name, record["entry"], files), record["report"]
+        return module_from_files(name, record["entry"], files), record["report"]
 
     def finished_count(self, names: list[str]) -> int:
         """How many of the layers ``names`` are finished (have their entry)."""
@@ -208,12 +208,12 @@ class RunJournal:
     def record(self, name: str, module: CompressedModule, report: dict[str, Any]) -> CompressedModule:
         """Write the finished layer ``name`` (tensors, then its entry) and return the module
         rebuilt from what was written (what a resumed run will load)."""
-        entry, files, rebuilt = _packed_module(name, module)
+        entry, files, rebuilt = packed_module(name, module)
         tensors_path, entry_path = self._paths(name)
-        _write_atomically(tensors_path, lambda target: save_file(files, str(target)))
-        text = json.dumps({"entry": entry, "sha256": _sha256(tensors_path), "report": report},
+        write_atomically(tensors_path, lambda target: save_file(files, str(target)))
+        text = json.dumps({"entry": entry, "sha256": sha256(tensors_path), "report": report},
                           indent=1, allow_nan=False)
-        _write_atomically(entry_path, lambda target: target.write_text(text, encoding="utf-8"))
+        write_atomically(entry_path, lambda target: target.write_text(text, encoding="utf-8"))
         return rebuilt
 
 

@@ -93,7 +93,8 @@ from matfactor import _validation as check
 from .layers import weight_matrix
 from .methods import METHODS, Budget, resolve_budget
 
-__all__ = ["MemoryPlan", "PlannedSolve", "available_memory", "format_bytes", "memory_plan", "solve_bytes"]
+__all__ = ["MemoryPlan", "PlannedSolve", "available_memory", "error_bytes", "format_bytes", "memory_plan",
+           "solve_bytes"]
 
 _MIB = 1 << 20
 
@@ -140,6 +141,25 @@ def _layer_error(R: int, dense: int, M: int, Hh: int, retained: int = 0) -> int:
     """The end of ``solve_layer``: the result ``R``, its dense form, ``layer_error``, and
     what LAPACK kept of an earlier SVD (``retained``)."""
     return R + dense + max(3 * Hh, Hh + 5 * M) + retained
+
+
+def error_bytes(shape: tuple[int, int], result_bytes: int, itemsize: int) -> int:
+    """The end of every solve, for a method's ``work_bytes``: the result (``result_bytes``), its
+    dense form ``Ŵ`` and :func:`matfactor.layer_error`'s temporaries while ``solve_layer``
+    scores it (see the module docstring, *What every method shares*).
+
+    Parameters
+    ----------
+    shape
+        ``(d_in, d_out)``.
+    result_bytes
+        Bytes of the result's arrays.
+    itemsize
+        Bytes per value of the compute dtype.
+    """
+    d_in, d_out = shape
+    M, Hh = d_in * d_out * itemsize, d_in * d_in * itemsize
+    return _layer_error(result_bytes, M, M, Hh)
 
 
 def _svd_retained(d_in: int, d_out: int, s: int) -> int:
@@ -193,91 +213,111 @@ def solve_bytes(method: str, shape: tuple[int, int], budget: Budget, arguments: 
     if itemsize not in (4, 8):
         raise ValueError(f"itemsize must be 4 (float32) or 8 (float64), got {itemsize!r}")
     M, Hh = d_in * d_out * itemsize, d_in * d_in * itemsize
-    k = min(d_in, d_out)
-    rank = min(budget.rank or k, k)
-    # W and H; MPIFA: W, the H passed beside the statistics, and the statistics' two sums
-    # (H and error_cross; a third, error_gram, only with track_error_gram=True)
-    inputs = M + (3 if method == "mpifa" else 1) * Hh
-    nm = ":" in (budget.pattern or "")
+    spec = METHODS[method]
+    # W and H; two-stream statistics (MPIFA): W, the H passed beside the statistics, and the
+    # statistics' two sums (H and error_cross; a third, error_gram, only with
+    # track_error_gram=True)
+    inputs = M + (3 if spec.needs_streams else 1) * Hh
     margin = 4 * _MIB + M // 20 + Hh // 32
-    return inputs + _work(method, arguments, d_in, d_out, rank, itemsize, nm) + margin
+    return inputs + int(spec.work_bytes((d_in, d_out), budget, arguments, itemsize)) + margin
 
 
-def _work(method: str, arguments: dict[str, Any], d_in: int, d_out: int, r: int, s: int,
-          nm: bool) -> int:
-    """Peak bytes beyond the inputs: the largest moment of the method and of its end.
+def _units(shape: tuple[int, int], budget: Budget, itemsize: int) -> tuple[int, int, int, int, int, bool]:
+    """``(d_in, d_out, r, M, Hh, nm)`` of a solve: the rank the budget gives (at most
+    ``min(d_in, d_out)``), the weight- and Gram-shaped bytes, whether the pattern is n:m (whose
+    gradual ADMM masks hold one more mask and score array)."""
+    d_in, d_out = shape
+    k = min(d_in, d_out)
+    return (d_in, d_out, min(budget.rank or k, k), d_in * d_out * itemsize, d_in * d_in * itemsize,
+            ":" in (budget.pattern or ""))
 
-    ``nm``: an n:m pattern, whose gradual ADMM masks hold one more mask and score array.
-    """
+
+def score_pruning_work(shape: tuple[int, int], budget: Budget, arguments: dict[str, Any],
+                       itemsize: int) -> int:
+    """Magnitude and Wanda: W scaled, ``|W|``, the scores (3 M); then the scores, kthvalue's copy
+    and indices; then the scores, the mask, ``zeros_like(W)`` and the result (``problem.keep``)."""
+    d_in, d_out, _, M, Hh, _ = _units(shape, budget, itemsize)
     mn = d_in * d_out
-    M, Hh, B = mn * s, d_in * d_in * s, mn
-    front = 3 * Hh
-    lowrank_R = (d_in + d_out) * r * s
-    pifa_R = (d_in * r + r * (d_out - r)) * s + 24 * d_out      # W_p, C, pivots, non-pivots, gather
+    solve = max(3 * Hh, 3 * M, M + _top_k(mn, itemsize), 3 * M + mn)
+    return max(solve, _layer_error(M, 0, M, Hh))
 
-    if method in ("magnitude", "wanda"):
-        # wanda: W scaled, |W|, the scores (3 M); then scores, kthvalue's copy and indices;
-        # then scores, the mask, zeros_like(W) and the result (problem.keep)
-        solve = max(front, 3 * M, M + _top_k(mn, s), 3 * M + B)
-        return max(solve, _layer_error(M, 0, M, Hh))
 
-    if method == "sparsegpt":
-        # _sparsegpt_factor: H scaled, eye, eye·λ and H + λI (add_to_diagonal); then H + λI,
-        # its Cholesky factor, the inverse and the factor of the inverse (4 Hh);
-        # _sparsegpt_with_factor: U, W scaled, where(dead, zeros, W) and its zeros, the first
-        # block's product U[...].T @ errors and the difference (Hh + 5 M)
-        solve = max(front, 4 * Hh, Hh + 5 * M)
-        return max(solve, _layer_error(M, 0, M, Hh))
+def sparsegpt_work(shape: tuple[int, int], budget: Budget, arguments: dict[str, Any],
+                   itemsize: int) -> int:
+    """SparseGPT: ``_sparsegpt_factor``: H scaled, eye, eye·λ and H + λI (``add_to_diagonal``);
+    then H + λI, its Cholesky factor, the inverse and the factor of the inverse (4 Hh);
+    ``_sparsegpt_with_factor``: U, W scaled, ``where(dead, zeros, W)`` and its zeros, the first
+    block's product ``U[...].T @ errors`` and the difference (Hh + 5 M)."""
+    _, _, _, M, Hh, _ = _units(shape, budget, itemsize)
+    solve = max(3 * Hh, 4 * Hh, Hh + 5 * M)
+    return max(solve, _layer_error(M, 0, M, Hh))
 
-    if method == "admm":
-        # _admm_factor: W scaled, H scaled, H/D/D (two), eye, eye·λ, the sum (M + 5 Hh);
-        # the loop (_admm_iterations at a gradual mask step): H_n and (H_n + ρI)⁻¹ (2 Hh);
-        # W scaled, W_n, target, the cold start's U = 0 (kept by _admm_prune_with_factor),
-        # Ŵ, U, V, on, off, signed ρ, |V| and kthvalue's copy (12 M), its indices and the
-        # old and new masks; n:m (_gradual_mask): the mask of the n best and where(it, inf, |V|)
-        solve = max(front, M + 5 * Hh, 2 * Hh + 12 * M + 8 * mn + 2 * B + (M + B if nm else 0))
-        return max(solve, _layer_error(M, 0, M, Hh))
 
-    if method == "dsf":
-        return _dsf(arguments, d_in, d_out, s)
+def admm_work(shape: tuple[int, int], budget: Budget, arguments: dict[str, Any], itemsize: int) -> int:
+    """ADMM: ``_admm_factor``: W scaled, H scaled, H/D/D (two), eye, eye·λ, the sum (M + 5 Hh);
+    the loop (``_admm_iterations`` at a gradual mask step): H_n and (H_n + ρI)⁻¹ (2 Hh); W scaled,
+    W_n, target, the cold start's U = 0 (kept by ``_admm_prune_with_factor``), Ŵ, U, V, on, off,
+    signed ρ, ``|V|`` and kthvalue's copy (12 M), its indices and the old and new masks; n:m
+    (``_gradual_mask``): the mask of the n best and ``where(it, inf, |V|)``."""
+    d_in, d_out, _, M, Hh, nm = _units(shape, budget, itemsize)
+    mn = B = d_in * d_out
+    solve = max(3 * Hh, M + 5 * Hh, 2 * Hh + 12 * M + 8 * mn + 2 * B + (M + B if nm else 0))
+    return max(solve, _layer_error(M, 0, M, Hh))
 
-    if method == "lowrank":
-        # truncated_svd (no H): W scaled and the SVD of it, then U·σ, the sign fix of U and V
-        solve = M + _svd(d_in, d_out, s) + 3 * lowrank_R
-        return max(solve, _layer_error(lowrank_R, M, M, Hh, _svd_retained(d_in, d_out, s)))
 
-    if method in ("weighted_lowrank", "pifa"):
-        damping = bool(arguments.get("damping", 0.0))
-        solve = max(front, _weighted_lowrank(d_in, d_out, r, s, damping) + Hh + M)
-        end = _layer_error(lowrank_R if method == "weighted_lowrank" else pifa_R, M, M, Hh,
-                           _svd_retained(d_in, d_out, s))
-        if method == "pifa":
-            # pifa_from_factors beside U and V: U, V scaled, qr(U), R_U Vᵀ, scipy's pivoted QR
-            # of it (its copy and R), R in the original order, C, then W_p
-            solve = max(solve, _pifa_stage(d_in, d_out, r, s))
-        return max(solve, end)
+def lowrank_work(shape: tuple[int, int], budget: Budget, arguments: dict[str, Any], itemsize: int) -> int:
+    """Truncated SVD (no H): W scaled and the SVD of it, then U·σ, the sign fix of U and V."""
+    d_in, d_out, r, M, Hh, _ = _units(shape, budget, itemsize)
+    R = (d_in + d_out) * r * itemsize
+    solve = M + _svd(d_in, d_out, itemsize) + 3 * R
+    return max(solve, _layer_error(R, M, M, Hh, _svd_retained(d_in, d_out, itemsize)))
 
-    if method == "mpifa":
-        init_target = arguments.get("init", "weight") == "target"
-        # statistics._scaled: isfinite(H) (bytes), W scaled; _target: H W, error_cross W,
-        # mix·(error_cross W) and the sum (W scaled + 4 M)
-        solve = max(d_in * d_in + M, 5 * M)
-        # _Regularised: eye, eye·a, H + aI (3 Hh) beside W scaled and G; then H + aI and
-        # G + aW kept with W scaled (2 M + Hh)
-        base = 2 * M + Hh
-        solve = max(solve, 2 * M + 3 * Hh)
-        # init="target": the Cholesky factor of H + aI, (H + aI)⁻¹(G + aW) and its solve
-        start = base + (Hh + 2 * M if init_target else 0)
-        # _weighted_lowrank on the stored H (no front door, no copies of W and H)
-        solve = max(solve, start + _weighted_lowrank(d_in, d_out, r, s, False))
-        # the sweep: the Cholesky factor of H + aI kept in reg._L, thin solves
-        solve = max(solve, base + Hh + 6 * lowrank_R)
-        solve = max(solve, base + Hh + _pifa_stage(d_in, d_out, r, s))
-        return max(solve, _layer_error(pifa_R, M, M, Hh, _svd_retained(d_in, d_out, s)))
 
-    if method == "sparse_lowrank":
-        return _sparse_lowrank(arguments, d_in, d_out, r, s, nm)
-    raise AssertionError("unreachable: method checked by solve_bytes")
+def weighted_lowrank_work(shape: tuple[int, int], budget: Budget, arguments: dict[str, Any],
+                          itemsize: int) -> int:
+    """Weighted low rank (``matfactor.svd._weighted_lowrank``) and its result's error."""
+    d_in, d_out, r, M, Hh, _ = _units(shape, budget, itemsize)
+    solve = max(3 * Hh, _weighted_lowrank(d_in, d_out, r, itemsize, bool(arguments.get("damping", 0.0)))
+                + Hh + M)
+    R = (d_in + d_out) * r * itemsize
+    return max(solve, _layer_error(R, M, M, Hh, _svd_retained(d_in, d_out, itemsize)))
+
+
+def pifa_work(shape: tuple[int, int], budget: Budget, arguments: dict[str, Any], itemsize: int) -> int:
+    """Weighted low rank, then ``pifa_from_factors`` beside U and V: U, V scaled, ``qr(U)``,
+    ``R_U Vᵀ``, scipy's pivoted QR of it (its copy and R), R in the original order, C, then W_p."""
+    d_in, d_out, r, M, Hh, _ = _units(shape, budget, itemsize)
+    solve = max(3 * Hh, _weighted_lowrank(d_in, d_out, r, itemsize, bool(arguments.get("damping", 0.0)))
+                + Hh + M, _pifa_stage(d_in, d_out, r, itemsize))
+    return max(solve, _layer_error(_pifa_result(d_in, d_out, r, itemsize), M, M, Hh,
+                                   _svd_retained(d_in, d_out, itemsize)))
+
+
+def mpifa_work(shape: tuple[int, int], budget: Budget, arguments: dict[str, Any], itemsize: int) -> int:
+    """MPIFA (``matfactor.reconstruct``) beyond its statistics."""
+    d_in, d_out, r, M, Hh, _ = _units(shape, budget, itemsize)
+    s = itemsize
+    init_target = arguments.get("init", "weight") == "target"
+    # statistics._scaled: isfinite(H) (bytes), W scaled; _target: H W, error_cross W,
+    # mix·(error_cross W) and the sum (W scaled + 4 M)
+    solve = max(d_in * d_in + M, 5 * M)
+    # _Regularised: eye, eye·a, H + aI (3 Hh) beside W scaled and G; then H + aI and
+    # G + aW kept with W scaled (2 M + Hh)
+    base = 2 * M + Hh
+    solve = max(solve, 2 * M + 3 * Hh)
+    # init="target": the Cholesky factor of H + aI, (H + aI)⁻¹(G + aW) and its solve
+    start = base + (Hh + 2 * M if init_target else 0)
+    # _weighted_lowrank on the stored H (no front door, no copies of W and H)
+    solve = max(solve, start + _weighted_lowrank(d_in, d_out, r, s, False))
+    # the sweep: the Cholesky factor of H + aI kept in reg._L, thin solves
+    solve = max(solve, base + Hh + 6 * (d_in + d_out) * r * s)
+    solve = max(solve, base + Hh + _pifa_stage(d_in, d_out, r, s))
+    return max(solve, _layer_error(_pifa_result(d_in, d_out, r, s), M, M, Hh, _svd_retained(d_in, d_out, s)))
+
+
+def _pifa_result(d_in: int, d_out: int, r: int, s: int) -> int:
+    """A :class:`matfactor.Pivoted`: W_p, C, the pivots, the non-pivots and the gather."""
+    return (d_in * r + r * (d_out - r)) * s + 24 * d_out
 
 
 def _pifa_stage(d_in: int, d_out: int, r: int, s: int) -> int:
@@ -302,8 +342,10 @@ def _weighted_lowrank(d_in: int, d_out: int, r: int, s: int, damping: bool) -> i
     return max(scaling, w_n, eigh, svd, after)
 
 
-def _dsf(arguments: dict[str, Any], d_in: int, d_out: int, s: int) -> int:
+def dsf_work(shape: tuple[int, int], budget: Budget, arguments: dict[str, Any], itemsize: int) -> int:
     """Double sparse factorization (``matfactor.dsf``)."""
+    d_in, d_out = shape
+    s = itemsize
     mn = d_in * d_out
     M, Hh, B = mn * s, d_in * d_in * s, mn
     k = min(d_in, d_out)
@@ -340,8 +382,11 @@ def _dsf(arguments: dict[str, Any], d_in: int, d_out: int, s: int) -> int:
     return max(peak, _layer_error(R, M, M, Hh))
 
 
-def _sparse_lowrank(arguments: dict[str, Any], d_in: int, d_out: int, r: int, s: int, nm: bool) -> int:
+def sparse_lowrank_work(shape: tuple[int, int], budget: Budget, arguments: dict[str, Any],
+                        itemsize: int) -> int:
     """Sparse plus low rank (``matfactor.sparse_lowrank``), every variant."""
+    d_in, d_out, r, _, _, nm = _units(shape, budget, itemsize)
+    s = itemsize
     mn = d_in * d_out
     M, Hh = mn * s, d_in * d_in * s
     hessian = arguments.get("hessian", "full")

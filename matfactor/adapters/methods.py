@@ -1,8 +1,17 @@
-"""The compression methods a recipe can name, and the solve of one layer problem.
+"""Compression methods: one declaration each, one registry, and the solve of one layer problem.
 
-Each method maps a layer's ``(d_in, d_out)`` weight ``W`` and its calibration statistics onto one
-call of the core (:mod:`matfactor`), with the budget given as a density (kept fraction of the
-dense parameters) or, for the low-rank family, a rank:
+A method is a :class:`Method`: what it calls (its ``solve``, given a :class:`MethodCall`), which
+core functions' parameters a recipe may pass it, which budget it takes, what statistics it
+needs, what result it returns and how much memory its solve holds. Everything else reads the
+declaration: recipes validate their rules against it, the pipeline feeds it, the memory plan
+sizes it, the command lists it. :data:`METHODS` is the registry, :func:`register_method` adds a
+method to it, from inside matfactor or from a user's own module (see the guide, *Adding a
+method*); packages can also declare theirs under the entry-point group ``matfactor.methods``
+(each entry point a module or a callable that registers), loaded the first time the registry is
+read.
+
+The built-in methods (:mod:`matfactor.adapters._builtin_methods`), with the budget each takes as
+a density (kept fraction of the dense parameters) or, for the low-rank family, a rank:
 
 ==================== =============================================== =====================
 method               core call                                       budget
@@ -26,117 +35,47 @@ factors and ``r (d_in + d_out − r)`` for PIFA, as each paper does. For ``spars
 density is the total of both parts: with an ``n:m`` pattern the low-rank part gets what the
 pattern leaves (``sparse_lowrank_rank``, HASSLE-free section 5); unstructured, a share
 ``rank_ratio`` (default 0.3, OATS's) of the budget goes to the low-rank part
-(``sparse_lowrank_budget``, appendix A.3), unless ``rank`` is given.
+(``sparse_lowrank_budget``, appendix A.3), unless ``rank`` is given, when the sparse part keeps
+what the rank leaves of :func:`matfactor.nnz_budget`'s count.
+
+Every result a method returns answers the same questions: ``shape``, ``dense()``,
+``matmul(X)`` and ``n_params`` (the core's result types, and :class:`Pruned` for a pruned
+weight); :mod:`matfactor.adapters.modules` maps each result type to the module that computes
+with it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
-import math
 import pickle
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any, Callable
 
 import torch
 
 import matfactor
-from matfactor import (
-    DoubleSparse,
-    LowRank,
-    Pivoted,
-    ReconstructionStatistics,
-    SparsePlusLowRank,
-    layer_error,
-)
+from matfactor import ReconstructionStatistics, layer_error
 
-__all__ = ["METHODS", "LayerSolution", "Method", "method_parameters", "solve_layer"]
+__all__ = ["BUDGETS", "METHODS", "STATISTICS", "Budget", "LayerSolution", "Method", "MethodCall",
+           "Pruned", "declaring_modules", "import_plugin", "register_method", "resolve_budget",
+           "solve_layer"]
 
+#: The kinds of budget a method takes: a density (or an n:m pattern where it takes patterns); a
+#: rank (or a density converted by its ``rank_for_density``); the total density of a sparse part
+#: and a low-rank part.
+BUDGETS = ("density", "rank", "total")
+#: What a method's solve reads of the calibration: ``"gram"``, ``H = XᵀX`` of the layer's
+#: inputs; ``"streams"``, the two-stream statistics of the dense and the compressed model's
+#: inputs (:class:`matfactor.ReconstructionStatistics`, MPIFA); ``"none"``, nothing (data free).
+STATISTICS = ("gram", "streams", "none")
 #: Arguments the pipeline sets from the budget; a recipe gives them as budget fields instead.
 _BUDGET_NAMES = frozenset({"W", "H", "statistics", "density", "rank", "pattern", "U", "V", "rng"})
-
-
-@dataclass(frozen=True)
-class Method:
-    """A compression method: what it calls, which budget it takes and what it needs."""
-
-    name: str
-    solve: Callable[..., Any]
-    core: tuple[Callable[..., Any], ...]   # the core functions whose keyword arguments it accepts
-    budget: str                            # "density", "rank" (or density) or "total"
-    pattern: bool                          # takes a sparsity pattern
-    needs_streams: bool = False            # MPIFA's dense and compressed input streams
-    extra: tuple[str, ...] = ()            # arguments of its own (not of a core function)
-
-    def accepted(self) -> frozenset[str]:
-        """Keyword arguments a recipe may pass to this method."""
-        names = set(self.extra)
-        for function in self.core:
-            names.update(name for name, parameter in inspect.signature(function).parameters.items()
-                         if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD))
-        return frozenset(names - _BUDGET_NAMES)
-
-
-def _prune(function: Callable[..., Any]) -> Callable[..., Any]:
-    def solve(W: Any, H: Any, statistics: Any, budget: Budget, arguments: dict[str, Any],
-              seed: int) -> Any:
-        return function(W, H, density=budget.density, pattern=budget.pattern, **arguments)
-    return solve
-
-
-def _dsf(W: Any, H: Any, statistics: Any, budget: Budget, arguments: dict[str, Any], seed: int) -> Any:
-    return matfactor.double_sparse(W, budget.density, H, **arguments)
-
-
-def _lowrank(W: Any, H: Any, statistics: Any, budget: Budget, arguments: dict[str, Any],
-             seed: int) -> Any:
-    return matfactor.truncated_svd(W, budget.rank)
-
-
-def _weighted_lowrank(W: Any, H: Any, statistics: Any, budget: Budget, arguments: dict[str, Any],
-                      seed: int) -> Any:
-    return matfactor.weighted_lowrank(W, H, budget.rank, **arguments)
-
-
-def _pifa(W: Any, H: Any, statistics: Any, budget: Budget, arguments: dict[str, Any], seed: int) -> Any:
-    rtol = arguments.pop("rtol", None)
-    low = matfactor.weighted_lowrank(W, H, budget.rank, **arguments)
-    return matfactor.pifa_from_factors(low.U, low.V, rtol=rtol)
-
-
-def _mpifa(W: Any, H: Any, statistics: Any, budget: Budget, arguments: dict[str, Any], seed: int) -> Any:
-    return matfactor.mpifa(W, statistics, budget.rank, **arguments)
-
-
-def _sparse_lowrank(W: Any, H: Any, statistics: Any, budget: Budget, arguments: dict[str, Any],
-                    seed: int) -> Any:
-    arguments.pop("rank_ratio", None)
-    return matfactor.sparse_plus_lowrank(W, H, budget.rank, density=budget.density,
-                                         pattern=budget.pattern, rng=seed, **arguments)
-
-
-METHODS: dict[str, Method] = {
-    "magnitude": Method("magnitude", _prune(matfactor.magnitude_prune), (matfactor.magnitude_prune,),
-                        "density", True),
-    "wanda": Method("wanda", _prune(matfactor.wanda_prune), (matfactor.wanda_prune,), "density", True),
-    "sparsegpt": Method("sparsegpt", _prune(matfactor.sparsegpt_prune), (matfactor.sparsegpt_prune,),
-                        "density", True),
-    "admm": Method("admm", _prune(matfactor.admm_prune), (matfactor.admm_prune,), "density", True),
-    "dsf": Method("dsf", _dsf, (matfactor.double_sparse,), "density", False),
-    "lowrank": Method("lowrank", _lowrank, (), "rank", False),
-    "weighted_lowrank": Method("weighted_lowrank", _weighted_lowrank, (matfactor.weighted_lowrank,),
-                               "rank", False),
-    "pifa": Method("pifa", _pifa, (matfactor.weighted_lowrank,), "rank", False, extra=("rtol",)),
-    "mpifa": Method("mpifa", _mpifa, (matfactor.mpifa,), "rank", False, needs_streams=True),
-    "sparse_lowrank": Method("sparse_lowrank", _sparse_lowrank, (matfactor.sparse_plus_lowrank,),
-                             "total", True, extra=("rank_ratio",)),
-}
-
-
-def method_parameters(name: str) -> frozenset[str]:
-    """The keyword arguments method ``name`` accepts from a recipe."""
-    return METHODS[name].accepted()
+_ENTRY_POINT_GROUP = "matfactor.methods"
 
 
 @dataclass(frozen=True)
@@ -148,6 +87,241 @@ class Budget:
     pattern: str
 
 
+@dataclass(frozen=True)
+class MethodCall:
+    """One call of a method's ``solve`` on one layer.
+
+    Attributes
+    ----------
+    W
+        ``(d_in, d_out)`` weight (float32 or float64 torch tensor) the method approximates.
+    H
+        ``(d_in, d_in)`` Gram matrix of the layer's calibration inputs (``None`` never happens
+        in the pipeline; a data-free method ignores it).
+    statistics
+        The two-stream statistics of a ``statistics="streams"`` method, else ``None``.
+    budget
+        The layer's resolved :class:`Budget`.
+    arguments
+        The recipe's keyword arguments for the method (a private copy).
+    seed
+        Seed for methods that draw random numbers.
+    """
+
+    W: torch.Tensor
+    H: torch.Tensor | None
+    statistics: ReconstructionStatistics | None
+    budget: Budget
+    arguments: dict[str, Any]
+    seed: int
+
+
+@dataclass(frozen=True, eq=False)
+class Pruned:
+    """A pruned weight as a method's result: ``Ŵ = W``, exactly zero off its pattern.
+
+    The public pruners (:func:`matfactor.magnitude_prune`, ...) return the array itself; the
+    model side wraps it so that every result answers the same questions.
+    """
+
+    W: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(d_in, d_out)``."""
+        return tuple(self.W.shape)
+
+    def dense(self) -> torch.Tensor:
+        """``Ŵ``, the pruned weight itself."""
+        return self.W
+
+    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        """``X @ Ŵ``."""
+        return X @ self.W
+
+    @property
+    def n_params(self) -> int:
+        """Stored values: the nonzeros."""
+        return int(torch.count_nonzero(self.W))
+
+
+@dataclass(frozen=True)
+class Method:
+    """The declaration of one compression method: everything the model side knows about it.
+
+    Attributes
+    ----------
+    name
+        What recipes and the command call it.
+    solve
+        ``solve(call: MethodCall) -> result``: the compressed form of ``call.W``, a result with
+        ``shape``, ``dense()``, ``matmul(X)`` and ``n_params`` whose type has a module form
+        (:func:`matfactor.adapters.modules.register_module`); torch tensors, on ``call.W``'s
+        device.
+    budget
+        One of :data:`BUDGETS`.
+    work_bytes
+        ``work_bytes(shape, budget, arguments, itemsize) -> int``: the peak bytes the solve
+        allocates beyond its inputs (``W`` and the statistics), the returned result included,
+        for a ``(d_in, d_out)`` layer in a compute dtype of ``itemsize`` bytes. The memory plan
+        (:mod:`matfactor.adapters.memory`) adds the inputs and the pipeline's own end of the
+        solve.
+    solvers
+        The functions whose keyword parameters a recipe may pass as ``arguments`` (the budget
+        names ``W``, ``H``, ``density``, ``rank``, ``pattern``, ... excepted).
+    options
+        Arguments of the method's own, beyond its solvers'.
+    pattern
+        Whether it takes a sparsity pattern (``"per_output"``, ``"n:m"``).
+    statistics
+        One of :data:`STATISTICS`.
+    rank_for_density
+        For a ``"rank"`` budget: ``rank_for_density(shape, density) -> int``, the largest rank
+        whose stored values fit in the density.
+    takes_mix
+        A ``"streams"`` method that corrects the error accumulation itself and takes the
+        pipeline's ``mix`` as an argument (MPIFA); any other method gets, with ``mix > 0`` in
+        sequential mode, the error-corrected target as its ``W``.
+    summary
+        One line for listings (the command's help).
+    """
+
+    name: str
+    solve: Callable[[MethodCall], Any]
+    budget: str
+    work_bytes: Callable[[tuple[int, int], Budget, dict[str, Any], int], int]
+    solvers: tuple[Callable[..., Any], ...] = ()
+    options: tuple[str, ...] = ()
+    pattern: bool = False
+    statistics: str = "gram"
+    rank_for_density: Callable[[tuple[int, int], float], int] | None = None
+    takes_mix: bool = False
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"Method: name must be an identifier such as 'my_method', got {self.name!r}")
+        for attribute in ("solve", "work_bytes"):
+            if not callable(getattr(self, attribute)):
+                raise TypeError(f"Method {self.name!r}: {attribute} must be callable, got "
+                                f"{type(getattr(self, attribute)).__name__}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"Method {self.name!r}: budget must be one of {', '.join(BUDGETS)}, got "
+                             f"{self.budget!r}")
+        if self.statistics not in STATISTICS:
+            raise ValueError(f"Method {self.name!r}: statistics must be one of {', '.join(STATISTICS)}, "
+                             f"got {self.statistics!r}")
+        if (self.budget == "rank") != (self.rank_for_density is not None):
+            raise ValueError(f"Method {self.name!r}: a rank_for_density is needed by, and only by, a "
+                             "'rank' budget")
+        if self.takes_mix and self.statistics != "streams":
+            raise ValueError(f"Method {self.name!r}: takes_mix needs statistics='streams'")
+        if not all(callable(solver) for solver in self.solvers):
+            raise TypeError(f"Method {self.name!r}: solvers must be functions")
+        if isinstance(self.options, str) or not all(isinstance(name, str) for name in self.options):
+            raise TypeError(f"Method {self.name!r}: options must be a tuple of argument names")
+        object.__setattr__(self, "solvers", tuple(self.solvers))
+        object.__setattr__(self, "options", tuple(self.options))
+
+    @property
+    def needs_streams(self) -> bool:
+        """Whether the solve reads the two-stream statistics (``statistics == "streams"``)."""
+        return self.statistics == "streams"
+
+    def accepted(self) -> frozenset[str]:
+        """Keyword arguments a recipe may pass to this method."""
+        names = set(self.options)
+        for function in self.solvers:
+            names.update(name for name, parameter in inspect.signature(function).parameters.items()
+                         if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD))
+        return frozenset(names - _BUDGET_NAMES)
+
+
+class _Registry(Mapping[str, Method]):
+    """The methods by name; entry points of ``matfactor.methods`` load on first read."""
+
+    def __init__(self) -> None:
+        self._methods: dict[str, Method] = {}
+        self._loaded = False
+        self.modules: dict[str, None] = {}   # modules outside matfactor that registered methods
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        from . import _builtin_methods  # noqa: F401  (registers the built-in methods)
+
+        for entry in entry_points(group=_ENTRY_POINT_GROUP):
+            loaded = entry.load()
+            if callable(loaded) and not inspect.ismodule(loaded):
+                loaded()
+
+    def __getitem__(self, name: str) -> Method:
+        self._load()
+        return self._methods[name]
+
+    def __iter__(self) -> Iterator[str]:
+        self._load()
+        return iter(self._methods)
+
+    def __len__(self) -> int:
+        self._load()
+        return len(self._methods)
+
+    def add(self, method: Method, replace: bool) -> None:
+        known = self._methods.get(method.name)
+        if known is not None and known != method and not replace:
+            raise ValueError(f"a method {method.name!r} is already registered; pass replace=True to "
+                             "replace it, or choose another name")
+        self._methods[method.name] = method
+        module = getattr(method.solve, "__module__", None)
+        if module and module not in ("__main__", "__mp_main__") and module.partition(".")[0] != "matfactor":
+            self.modules[module] = None
+
+
+#: The registered methods by name (a read-only mapping; :func:`register_method` adds to it).
+METHODS: Mapping[str, Method] = _Registry()
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Add ``method`` to :data:`METHODS`, so that recipes, the pipeline and the command know it.
+
+    Registering the same declaration again does nothing (a module imported twice, a worker
+    process importing the module that registered it in the parent).
+
+    Parameters
+    ----------
+    method
+        The declaration.
+    replace
+        Replace a different method registered under the same name.
+
+    Returns
+    -------
+    Method
+        ``method``.
+
+    Raises
+    ------
+    TypeError
+        ``method`` is not a :class:`Method`.
+    ValueError
+        Another method has that name and ``replace`` is false.
+    """
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be a Method declaration, got {type(method).__name__}")
+    METHODS.add(method, replace)  # type: ignore[attr-defined]
+    return method
+
+
+def declaring_modules() -> tuple[str, ...]:
+    """The modules outside matfactor whose methods are registered in this process, in the order
+    they registered: a worker process imports them (:func:`~matfactor.adapters.executors.process_pool`)
+    so that it knows the same methods. (A method defined in the main script is registered again
+    when a spawned worker re-imports that script.)"""
+    return tuple(METHODS.modules)  # type: ignore[attr-defined]
+
+
 def resolve_budget(method: Method, shape: tuple[int, int], *, density: float | None,
                    rank: int | None, pattern: str, arguments: dict[str, Any], name: str) -> Budget:
     """Turn a rule's density/rank into the arguments of the core call for a ``shape`` layer."""
@@ -156,9 +330,7 @@ def resolve_budget(method: Method, shape: tuple[int, int], *, density: float | N
         return Budget(density, None, pattern)
     if method.budget == "rank":
         if rank is None:
-            to_rank = (matfactor.pifa_rank_for_density if method.name in ("pifa", "mpifa")
-                       else matfactor.lowrank_rank_for_density)
-            rank = to_rank(shape, density)
+            rank = method.rank_for_density(shape, density)
             if rank < 1:
                 raise ValueError(f"{name}: density={density} leaves no rank for a {shape} layer "
                                  f"with {method.name}; increase density")
@@ -173,11 +345,13 @@ def resolve_budget(method: Method, shape: tuple[int, int], *, density: float | N
         split = matfactor.sparse_lowrank_budget(shape, compression, arguments.get("rank_ratio", 0.3))
         rank, sparse_density = split.rank, split.density
     else:
-        left = math.floor(density * d_in * d_out) - rank * (d_in + d_out)
+        # the core's count of the total budget, so that the split and the solve agree
+        total = matfactor.nnz_budget(shape, density, "unstructured")
+        left = total - rank * (d_in + d_out)
         if left < 1:
             raise ValueError(f"{name}: rank {rank} alone takes {rank * (d_in + d_out)} values of the "
-                             f"{math.floor(density * d_in * d_out)} that density={density} allows "
-                             f"a {shape} layer; lower the rank or raise the density")
+                             f"{total} that density={density} allows a {shape} layer; lower the "
+                             "rank or raise the density")
         sparse_density = (left + 0.5) / (d_in * d_out)
     if rank < 1:
         raise ValueError(f"{name}: density={density} with pattern {pattern!r} leaves no rank for the "
@@ -207,7 +381,7 @@ def _from_bytes(cls: type, payload: bytes) -> Any:
 class LayerSolution:
     """The compressed form of one layer and what it cost."""
 
-    result: Any                      # a matrix (pruners) or a matfactor result type
+    result: Any                      # the method's result (Pruned or a matfactor result type)
     rel_error: float                 # tr(DᵀHD) / tr(WᵀHW) under the layer's calibration H
     params_after: int
     seconds: float
@@ -217,15 +391,16 @@ class LayerSolution:
 
     def dense(self) -> Any:
         """The ``(d_in, d_out)`` matrix the compressed layer computes with."""
-        if isinstance(self.result, (LowRank, Pivoted, DoubleSparse, SparsePlusLowRank)):
-            return self.result.dense()
-        return self.result
+        return self.result.dense()
 
 
-def _params(result: Any) -> int:
-    if isinstance(result, (LowRank, Pivoted, DoubleSparse, SparsePlusLowRank)):
-        return int(result.n_params)
-    return int(torch.count_nonzero(result))
+def _method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"method {name!r} is not registered in this process (registered: "
+                         f"{', '.join(sorted(METHODS))}); a method registered by a user's module "
+                         "must be registered in every process that solves its layers: declare it "
+                         f"under the entry-point group {_ENTRY_POINT_GROUP!r}")
+    return METHODS[name]
 
 
 def solve_layer(name: str, W: torch.Tensor, H: torch.Tensor | None,
@@ -243,7 +418,7 @@ def solve_layer(name: str, W: torch.Tensor, H: torch.Tensor | None,
     H
         ``(d_in, d_in)`` Gram matrix of the calibration inputs.
     statistics
-        Two-stream statistics (MPIFA only), else ``None``.
+        Two-stream statistics (methods with ``statistics="streams"``), else ``None``.
     method, density, rank, pattern, arguments
         The recipe rule that applies to the layer (validated by the recipe).
     seed
@@ -253,16 +428,41 @@ def solve_layer(name: str, W: torch.Tensor, H: torch.Tensor | None,
     -------
     LayerSolution
     """
-    spec = METHODS[method]
+    spec = _method(method)
     budget = resolve_budget(spec, tuple(W.shape), density=density, rank=rank, pattern=pattern,
                             arguments=arguments, name=name)
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            result = spec.solve(W, H, statistics, budget, dict(arguments), seed)
+            result = spec.solve(MethodCall(W, H, statistics, budget, dict(arguments), seed))
     except ValueError as exc:  # name the layer: the core names only its own arguments
         raise ValueError(f"{name} ({method}, W {tuple(W.shape)}): {exc}") from exc
     seconds = time.perf_counter() - start
-    solution = LayerSolution(result, 0.0, _params(result), seconds, budget)
+    if isinstance(result, torch.Tensor):
+        result = Pruned(result)
+    if tuple(getattr(result, "shape", ())) != tuple(W.shape):
+        raise ValueError(f"{name}: method {method!r} returned {type(result).__name__} of shape "
+                         f"{getattr(result, 'shape', None)} for a weight of shape {tuple(W.shape)}")
+    solution = LayerSolution(result, 0.0, int(result.n_params), seconds, budget)
     solution.rel_error = float(layer_error(W, solution.dense(), H))
     return solution
+
+
+def import_plugin(spec: str) -> None:
+    """Import a user's module that registers methods: a module name, or a ``.py`` file's path.
+
+    A file is imported under its stem as module name, with its folder first on ``sys.path``, so
+    that worker processes can import it again by name.
+    """
+    import sys
+    from pathlib import Path
+
+    path = Path(spec)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise FileNotFoundError(f"plugin {spec!r} is not a file")
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        spec = path.stem
+    importlib.import_module(spec)

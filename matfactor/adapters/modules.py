@@ -34,7 +34,7 @@ nonzeros of the sparse parts, every entry of the dense factors; neither biases n
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -52,6 +52,7 @@ from matfactor import (
 from matfactor import _validation
 
 from .layers import weight_matrix
+from .methods import Pruned
 
 __all__ = [
     "CompressedConv2d",
@@ -65,10 +66,13 @@ __all__ = [
     "SparseLowRankLinear",
     "UnfoldedConv2d",
     "compressed_module",
+    "module_kinds",
+    "register_module",
     "replace_module",
 ]
 
 Pair = tuple[int, int]
+Cast = Callable[[Any, str], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- validation
@@ -160,16 +164,32 @@ def _conv_geometry(owner: str, name: str, value: Any, smallest: int) -> Pair:
 class CompressedModule(nn.Module):
     """Base class of the compressed layers: what every one of them offers.
 
+    Each class declares how a checkpoint stores it and rebuilds it, and the checkpoint, the
+    journal of resumable runs and the stored-bytes report read that declaration:
+
     Attributes
     ----------
     kind
         The module's name in checkpoint manifests (``"sparse_linear"``, ...).
+    packed
+        Attributes holding sparse matrices, stored packed (nonzeros and a bitmask).
+    stored
+        Attributes stored as they are (dense factors; integer indices as ``int32``).
     compression
         How it was made: a JSON-able dict with at least ``"method"`` and ``"arguments"``.
     """
 
     kind: ClassVar[str]
+    packed: ClassVar[tuple[str, ...]] = ()
+    stored: ClassVar[tuple[str, ...]] = ()
     compression: dict[str, Any]
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> CompressedModule:
+        """The module rebuilt from its :attr:`packed` and :attr:`stored` tensors (and
+        ``"bias"`` when it has one) and its checkpoint manifest entry (``"pattern"``,
+        ``"density"``, ``"compression"``, ``"conv"``); the constructor checks them."""
+        raise NotImplementedError
 
     def dense_weight(self) -> torch.Tensor:
         """The ``(d_in, d_out)`` matrix ``Ŵ`` of ``y = x @ Ŵ + b``, without autograd history."""
@@ -201,8 +221,19 @@ class CompressedLinear(CompressedModule):
 
     in_features: int
     out_features: int
+    #: The type of solver result this module computes with (see :func:`register_module`).
+    result_type: ClassVar[type]
     #: Attributes that ``repr`` shows after the shape and bias.
     _repr_fields: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_result(cls, result: Any, cast: Cast, bias: torch.Tensor | None, *, pattern: str | None,
+                    density: float | None, compression: dict[str, Any]) -> CompressedLinear:
+        """The module computing with ``result`` (an instance of :attr:`result_type`) and
+        ``bias``. ``cast(value, name)`` gives a result's floating tensor in the module's dtype and
+        device (``name`` such as ``"result.A"`` for messages; a non-torch array is a TypeError);
+        ``pattern`` and ``density`` are the recipe's, for a sparse part."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return ", ".join([f"in_features={self.in_features}", f"out_features={self.out_features}",
@@ -295,6 +326,19 @@ class SparseLinear(_PrunedWeight, nn.Linear, CompressedLinear):
     """
 
     kind = "sparse_linear"
+    result_type = Pruned
+    packed = ("weight",)
+
+    @classmethod
+    def from_result(cls, result: Pruned, cast: Cast, bias: torch.Tensor | None, *, pattern: str | None,
+                    density: float | None, compression: dict[str, Any]) -> SparseLinear:
+        return cls(cast(result.W, "result"), bias, pattern=pattern, density=density,
+                   compression=compression)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> SparseLinear:
+        return cls(tensors["weight"].T, tensors.get("bias"), pattern=entry["pattern"],
+                   density=entry["density"], compression=entry["compression"])
 
     def __init__(self, W: torch.Tensor, bias: torch.Tensor | None = None, *, pattern: str | None = None,
                  density: float | None = None, compression: dict[str, Any] | None = None) -> None:
@@ -329,7 +373,21 @@ class DoubleSparseLinear(CompressedLinear):
     """
 
     kind = "double_sparse_linear"
+    result_type = DoubleSparse
+    packed = ("A", "B")
     _repr_fields = ("k", "density")
+
+    @classmethod
+    def from_result(cls, result: DoubleSparse, cast: Cast, bias: torch.Tensor | None, *,
+                    pattern: str | None, density: float | None,
+                    compression: dict[str, Any]) -> DoubleSparseLinear:
+        return cls(cast(result.A, "result.A"), cast(result.B, "result.B"), bias, density=density,
+                   compression=compression)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> DoubleSparseLinear:
+        return cls(tensors["A"], tensors["B"], tensors.get("bias"), density=entry["density"],
+                   compression=entry["compression"])
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None, *,
                  density: float | None = None, compression: dict[str, Any] | None = None) -> None:
@@ -381,7 +439,18 @@ class LowRankLinear(CompressedLinear):
     """
 
     kind = "lowrank_linear"
+    result_type = LowRank
+    stored = ("U", "V")
     _repr_fields = ("rank",)
+
+    @classmethod
+    def from_result(cls, result: LowRank, cast: Cast, bias: torch.Tensor | None, *, pattern: str | None,
+                    density: float | None, compression: dict[str, Any]) -> LowRankLinear:
+        return cls(cast(result.U, "result.U"), cast(result.V, "result.V"), bias, compression=compression)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> LowRankLinear:
+        return cls(tensors["U"], tensors["V"], tensors.get("bias"), compression=entry["compression"])
 
     def __init__(self, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None, *,
                  compression: dict[str, Any] | None = None) -> None:
@@ -435,7 +504,21 @@ class PifaLinear(CompressedLinear):
     """
 
     kind = "pifa_linear"
+    result_type = Pivoted
+    stored = ("pivots", "non_pivots", "W_p", "C")
     _repr_fields = ("rank",)
+
+    @classmethod
+    def from_result(cls, result: Pivoted, cast: Cast, bias: torch.Tensor | None, *, pattern: str | None,
+                    density: float | None, compression: dict[str, Any]) -> PifaLinear:
+        return cls(_as_torch(result.pivots, "result.pivots"),
+                   _as_torch(result.non_pivots, "result.non_pivots"), cast(result.W_p, "result.W_p"),
+                   cast(result.C, "result.C"), bias, compression=compression)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> PifaLinear:
+        return cls(tensors["pivots"], tensors["non_pivots"], tensors["W_p"], tensors["C"],
+                   tensors.get("bias"), compression=entry["compression"])
 
     def __init__(self, pivots: torch.Tensor, non_pivots: torch.Tensor, W_p: torch.Tensor,
                  C: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -510,7 +593,22 @@ class SparseLowRankLinear(CompressedLinear):
     """
 
     kind = "sparse_lowrank_linear"
+    result_type = SparsePlusLowRank
+    packed = ("weight",)
+    stored = ("U", "V")
     _repr_fields = ("rank", "pattern", "density")
+
+    @classmethod
+    def from_result(cls, result: SparsePlusLowRank, cast: Cast, bias: torch.Tensor | None, *,
+                    pattern: str | None, density: float | None,
+                    compression: dict[str, Any]) -> SparseLowRankLinear:
+        return cls(cast(result.S, "result.S"), cast(result.U, "result.U"), cast(result.V, "result.V"),
+                   bias, pattern=pattern, density=density, compression=compression)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> SparseLowRankLinear:
+        return cls(tensors["weight"].T, tensors["U"], tensors["V"], tensors.get("bias"),
+                   pattern=entry["pattern"], density=entry["density"], compression=entry["compression"])
 
     def __init__(self, S: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
                  bias: torch.Tensor | None = None, *, pattern: str | None = None,
@@ -565,6 +663,14 @@ class SparseConv2d(_PrunedWeight, nn.Conv2d, CompressedConv2d):
     """
 
     kind = "sparse_conv2d"
+    packed = ("weight",)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> SparseConv2d:
+        geometry = entry["conv"]
+        return cls(tensors["weight"], tensors.get("bias"), stride=geometry["stride"],
+                   padding=geometry["padding"], dilation=geometry["dilation"], pattern=entry["pattern"],
+                   density=entry["density"], compression=entry["compression"])
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  stride: int | Pair = 1, padding: int | Pair = 0, dilation: int | Pair = 1,
@@ -674,7 +780,77 @@ class UnfoldedConv2d(CompressedConv2d):
 # --------------------------------------------------------------------------- factory
 
 
-_RESULT_TYPES = (torch.Tensor, DoubleSparse, LowRank, Pivoted, SparsePlusLowRank)
+#: The module form of each result type, and every module class by its manifest kind.
+_FORMS: dict[type, type[CompressedLinear]] = {}
+_KINDS: dict[str, type[CompressedModule]] = {}
+
+
+def register_module(module_class: type[CompressedModule]) -> type[CompressedModule]:
+    """Make ``module_class`` the form of its ``result_type``, and loadable by its ``kind``.
+
+    After this, :func:`compressed_module` builds it from a solver's result of that type, and
+    checkpoints and resumable runs store and rebuild it from the tensors it declares
+    (``packed``, ``stored``) with its ``from_tensors``. Usable as a class decorator; registering
+    the same class again does nothing.
+
+    Parameters
+    ----------
+    module_class
+        A :class:`CompressedLinear` subclass with ``kind``, ``result_type``, ``packed`` and/or
+        ``stored``, ``from_result`` and ``from_tensors`` (a convolution class has no
+        ``result_type``: it is rebuilt by kind only).
+
+    Raises
+    ------
+    TypeError
+        Not a :class:`CompressedModule` subclass, or a linear one without ``result_type``.
+    ValueError
+        Its kind or result type is taken by another class, it declares a tensor twice, or none.
+    """
+    if not (isinstance(module_class, type) and issubclass(module_class, CompressedModule)):
+        raise TypeError(f"module_class must be a CompressedModule subclass, got {module_class!r}")
+    kind = getattr(module_class, "kind", None)
+    if not isinstance(kind, str) or not kind.isidentifier():
+        raise ValueError(f"{module_class.__name__}.kind must be an identifier such as 'my_linear', "
+                         f"got {kind!r}")
+    tensors = module_class.packed + module_class.stored
+    if not tensors or len(set(tensors)) != len(tensors) or "bias" in tensors:
+        raise ValueError(f"{module_class.__name__} must declare its tensors once each in packed and "
+                         f"stored (the bias apart), got packed={module_class.packed}, "
+                         f"stored={module_class.stored}")
+    if _KINDS.get(kind, module_class) is not module_class:
+        raise ValueError(f"kind {kind!r} is already the kind of {_KINDS[kind].__name__}")
+    if issubclass(module_class, CompressedLinear):
+        result_type = getattr(module_class, "result_type", None)
+        if not isinstance(result_type, type):
+            raise TypeError(f"{module_class.__name__}.result_type must be the class of the results "
+                            f"it computes with, got {result_type!r}")
+        if _FORMS.get(result_type, module_class) is not module_class:
+            raise ValueError(f"{result_type.__name__} results already have the module form "
+                             f"{_FORMS[result_type].__name__}")
+        _FORMS[result_type] = module_class
+    _KINDS[kind] = module_class
+    return module_class
+
+
+def module_kinds() -> dict[str, type[CompressedModule]]:
+    """Every registered module class by its manifest kind (a copy)."""
+    return dict(_KINDS)
+
+
+def _form(result: Any) -> type[CompressedLinear]:
+    """The module form of ``result``'s type (or of its nearest registered base class)."""
+    for cls in type(result).__mro__:
+        if cls in _FORMS:
+            return _FORMS[cls]
+    known = ", ".join(["torch.Tensor (a pruned weight)", *sorted(t.__name__ for t in _FORMS)])
+    raise TypeError(f"result must be one of {known} (or a result type registered with "
+                    f"register_module), got {type(result).__name__}")
+
+
+for _module_class in (SparseLinear, DoubleSparseLinear, LowRankLinear, PifaLinear, SparseLowRankLinear,
+                      SparseConv2d):
+    register_module(_module_class)
 
 
 def _as_torch(value: Any, name: str) -> torch.Tensor:
@@ -684,35 +860,17 @@ def _as_torch(value: Any, name: str) -> torch.Tensor:
     return value.detach()
 
 
-def _linear_module(result: Any, cast: Any, bias: torch.Tensor | None, pattern: Any, density: Any,
-                   compression: dict[str, Any]) -> CompressedLinear:
-    """The linear module of a factored result, its floating tensors passed through ``cast``."""
-    if isinstance(result, DoubleSparse):
-        return DoubleSparseLinear(cast(result.A, "result.A"), cast(result.B, "result.B"), bias,
-                                  density=density, compression=compression)
-    if isinstance(result, LowRank):
-        return LowRankLinear(cast(result.U, "result.U"), cast(result.V, "result.V"), bias,
-                             compression=compression)
-    if isinstance(result, Pivoted):
-        return PifaLinear(_as_torch(result.pivots, "result.pivots"),
-                          _as_torch(result.non_pivots, "result.non_pivots"),
-                          cast(result.W_p, "result.W_p"), cast(result.C, "result.C"), bias,
-                          compression=compression)
-    return SparseLowRankLinear(cast(result.S, "result.S"), cast(result.U, "result.U"),
-                               cast(result.V, "result.V"), bias, pattern=pattern, density=density,
-                               compression=compression)
-
-
 def compressed_module(original: nn.Module, result: Any, *,
                       compression: dict[str, Any] | None) -> CompressedModule:
     """The compressed replacement of ``original`` computing with ``result``.
 
-    - a tensor (a pruner's output): :class:`SparseLinear`, or :class:`SparseConv2d` for a
-      Conv2d;
+    - a tensor (a pruner's output) or a :class:`~matfactor.adapters.methods.Pruned`:
+      :class:`SparseLinear`, or :class:`SparseConv2d` for a Conv2d;
     - :class:`matfactor.DoubleSparse`, :class:`matfactor.LowRank`, :class:`matfactor.Pivoted`,
       :class:`matfactor.SparsePlusLowRank`: :class:`DoubleSparseLinear`, :class:`LowRankLinear`,
       :class:`PifaLinear`, :class:`SparseLowRankLinear`; for a Conv2d, an
-      :class:`UnfoldedConv2d` wrapping that module.
+      :class:`UnfoldedConv2d` wrapping that module;
+    - a result type registered with :func:`register_module`: its module form.
 
     A Hugging Face ``Conv1D`` becomes a linear module: both compute ``x @ W + b`` on inputs
     ``(..., d_in)``.
@@ -748,9 +906,9 @@ def compressed_module(original: nn.Module, result: Any, *,
         violates the pattern; a grouped convolution.
     """
     W = weight_matrix(original, "original")
-    if not isinstance(result, _RESULT_TYPES):
-        raise TypeError(f"result must be a torch.Tensor (a pruned weight), DoubleSparse, LowRank, "
-                        f"Pivoted or SparsePlusLowRank, got {type(result).__name__}")
+    if isinstance(result, torch.Tensor):
+        result = Pruned(result)
+    form = _form(result)
     if tuple(result.shape) != tuple(W.shape):
         raise ValueError(f"result has shape {tuple(result.shape)} but the {type(original).__name__} "
                          f"layer's (d_in, d_out) weight matrix is {tuple(W.shape)}")
@@ -762,20 +920,16 @@ def compressed_module(original: nn.Module, result: Any, *,
         return _as_torch(value, name).to(device=device, dtype=dtype)
 
     bias = None if original.bias is None else original.bias.detach().clone()
-    conv = isinstance(original, nn.Conv2d)
-    if isinstance(result, torch.Tensor):
-        W_hat = cast(result, "result")
-        if conv:
-            module = SparseConv2d(W_hat.T.reshape(original.weight.shape), bias,
-                                  stride=original.stride, padding=original.padding,
-                                  dilation=original.dilation, pattern=pattern, density=density,
-                                  compression=compression)
-        else:
-            module = SparseLinear(W_hat, bias, pattern=pattern, density=density,
-                                  compression=compression)
+    if isinstance(original, nn.Conv2d) and form is SparseLinear:
+        # a pruned convolution keeps nn.Conv2d's forward, its weight in the conv layout
+        module = SparseConv2d(cast(result.W, "result").T.reshape(original.weight.shape), bias,
+                              stride=original.stride, padding=original.padding,
+                              dilation=original.dilation, pattern=pattern, density=density,
+                              compression=compression)
     else:
-        module = _linear_module(result, cast, bias, pattern, density, compression)
-        if conv:
+        module = form.from_result(result, cast, bias, pattern=pattern, density=density,
+                                  compression=compression)
+        if isinstance(original, nn.Conv2d):
             module = UnfoldedConv2d(module, in_channels=original.in_channels,
                                     kernel_size=original.kernel_size, stride=original.stride,
                                     padding=original.padding, dilation=original.dilation)

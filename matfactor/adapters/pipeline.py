@@ -35,7 +35,13 @@ sequential mode, every layer in one-shot mode) are independent problems: they ar
 the model does not depend on the engine or its number of workers. With ``resume_dir``, each
 finished layer is recorded as it returns (:mod:`~matfactor.adapters.journal`), and a rerun takes
 it instead of solving it. Before anything runs, the memory plan (:func:`compression_plan`,
-:mod:`~matfactor.adapters.memory`) refuses a run whose largest solve cannot fit.
+:mod:`~matfactor.adapters.memory`) refuses a run whose largest solve cannot fit; a caller that
+has made the plan already (to print it, as the ``matfactor`` command does) passes it as
+``plan=``.
+
+What a run does is told to a :class:`PipelineObserver` as it happens (the run, each block,
+each group of layers calibrated together, each layer solved or taken from the journal): the
+progress bars of ``progress=True`` are one.
 """
 
 from __future__ import annotations
@@ -56,16 +62,17 @@ from torch import nn
 from matfactor import _validation as check
 
 from .calibration import CalibrationHooks, LayersObserved
-from .checkpoint import _packed_module
+from ._storage import packed_module
 from .executors import LayerTask, run_task
 from .journal import RunJournal, finished_layers, run_identity
 from .layers import is_compressible, weight_matrix
-from .memory import MemoryPlan, memory_plan
+from .memory import MemoryPlan, PlannedSolve, memory_plan
 from .methods import METHODS, LayerSolution
 from .modules import compressed_module, replace_module
 from .recipe import Recipe, Rule
 
-__all__ = ["CompressionReport", "LayerReport", "compress_model", "compression_plan", "find_blocks"]
+__all__ = ["CompressionReport", "LayerReport", "PipelineObserver", "compress_model", "compression_plan",
+           "find_blocks"]
 
 #: Where Hugging Face models keep their repeated blocks, tried when ``_no_split_modules`` does
 #: not identify them.
@@ -132,6 +139,174 @@ class CompressionReport:
             lines.append(f"{self.resumed} of these layers were finished by an earlier, interrupted run")
         lines.extend(self.notes)
         return "\n".join(lines)
+
+
+class PipelineObserver:
+    """What a :func:`compress_model` run does, told as it happens: for progress displays, logs
+    and measurements.
+
+    Subclass it and override the events of interest (each method here does nothing), then pass
+    an instance as ``compress_model(..., observer=...)``. Every event is called in the thread
+    that called :func:`compress_model`, also when the solves run in other processes (an
+    ``executor``): a layer's event comes once its solution is back and the layer is replaced.
+    An exception raised by an event ends the run as any error does.
+
+    The order of the events of a sequential run::
+
+        run_started
+        block_started                      for each block, in order
+            layers_calibrated              for each group of layers calibrated together
+                layer_resumed/layer_solved for each layer of the group, as each is done
+        block_finished
+        run_finished, or run_failed
+
+    A one-shot run has no block events, and one ``layers_calibrated`` with every layer.
+    """
+
+    def run_started(self, plan: MemoryPlan, blocks: tuple[str, ...], layers: tuple[str, ...],
+                    resumed: int) -> None:
+        """The arguments and the memory plan are checked; nothing is changed yet.
+
+        Parameters
+        ----------
+        plan
+            The memory plan of the run (:func:`compression_plan`).
+        blocks
+            The blocks compressed one after the other, in order: a :meth:`block_started` comes
+            for each. Empty in one-shot mode.
+        layers
+            The layers to compress.
+        resumed
+            How many of them an earlier run recorded in ``resume_dir`` (each comes as a
+            :meth:`layer_resumed`).
+        """
+
+    def block_started(self, index: int, name: str) -> None:
+        """Block ``blocks[index]``, named ``name``, is about to be calibrated and compressed."""
+
+    def layers_calibrated(self, layers: tuple[str, ...]) -> None:
+        """The calibration statistics of ``layers`` are collected; their solves begin.
+
+        In sequential mode with ``granularity="layer"``, one group of a block (the layers that
+        read one input); with ``"block"``, a whole block's layers; in one-shot mode, every layer.
+        """
+
+    def layer_resumed(self, report: LayerReport) -> None:
+        """A layer was taken from the journal of an earlier run instead of solved.
+
+        ``report`` is the earlier run's (its ``seconds`` are that run's solve).
+        """
+
+    def layer_solved(self, report: LayerReport, solution: LayerSolution) -> None:
+        """A layer was solved and replaced by its compressed module.
+
+        Parameters
+        ----------
+        report
+            Its line of the run's report: ``report.seconds`` is the time of the solve itself,
+            wherever it ran.
+        solution
+            The solve's result (:class:`~matfactor.adapters.methods.LayerSolution`), on the CPU
+            when a worker solved it.
+        """
+
+    def block_finished(self, index: int, name: str) -> None:
+        """Block ``blocks[index]`` is compressed and its outputs are the next block's inputs."""
+
+    def run_finished(self, report: CompressionReport) -> None:
+        """The run ended; ``report`` is what :func:`compress_model` returns."""
+
+    def run_failed(self, error: BaseException) -> None:
+        """The run ends with ``error`` (raised by :func:`compress_model` after this returns)."""
+
+
+class _Observers(PipelineObserver):
+    """Several observers, each told every event, in the order given."""
+
+    def __init__(self, observers: list[PipelineObserver]) -> None:
+        self._observers = observers
+
+    def _tell(self, event: str, *args: Any) -> None:
+        for observer in self._observers:
+            getattr(observer, event)(*args)
+
+    def run_started(self, *args: Any) -> None:
+        self._tell("run_started", *args)
+
+    def block_started(self, *args: Any) -> None:
+        self._tell("block_started", *args)
+
+    def layers_calibrated(self, *args: Any) -> None:
+        self._tell("layers_calibrated", *args)
+
+    def layer_resumed(self, *args: Any) -> None:
+        self._tell("layer_resumed", *args)
+
+    def layer_solved(self, *args: Any) -> None:
+        self._tell("layer_solved", *args)
+
+    def block_finished(self, *args: Any) -> None:
+        self._tell("block_finished", *args)
+
+    def run_finished(self, *args: Any) -> None:
+        self._tell("run_finished", *args)
+
+    def run_failed(self, *args: Any) -> None:
+        self._tell("run_failed", *args)
+
+
+class _ProgressBars(PipelineObserver):
+    """The tqdm bars of ``progress=True``: the layers (left on screen at the end) and, in
+    sequential mode, the blocks (cleared at the end)."""
+
+    def __init__(self, resume_dir: Any) -> None:
+        self._resume_dir = resume_dir
+        self._n_blocks = 0
+        self._layers: Any = None
+        self._blocks: Any = None
+
+    def run_started(self, plan: MemoryPlan, blocks: tuple[str, ...], layers: tuple[str, ...],
+                    resumed: int) -> None:
+        from tqdm.auto import tqdm
+
+        if resumed:
+            tqdm.write(f"resuming: {resumed} of {len(layers)} layers done in {self._resume_dir}")
+        self._layers = tqdm(total=len(layers), desc="layers", unit="layer")
+        self._n_blocks = len(blocks)
+
+    def block_started(self, index: int, name: str) -> None:
+        if self._blocks is None:
+            from tqdm.auto import tqdm
+
+            self._blocks = tqdm(total=self._n_blocks, desc="blocks", unit="block", leave=False)
+
+    def layer_resumed(self, report: LayerReport) -> None:
+        self._layers.update(1)
+
+    def layer_solved(self, report: LayerReport, solution: LayerSolution) -> None:
+        self._layers.update(1)
+        self._layers.set_postfix_str(f"{report.name}: error {report.rel_error:.4f}")
+
+    def block_finished(self, index: int, name: str) -> None:
+        self._blocks.update(1)
+        if index + 1 == self._n_blocks:
+            self._close_blocks()
+
+    def run_finished(self, report: CompressionReport) -> None:
+        self._close()
+
+    def run_failed(self, error: BaseException) -> None:
+        self._close()
+
+    def _close_blocks(self) -> None:
+        if self._blocks is not None:
+            self._blocks.close()
+            self._blocks = None
+
+    def _close(self) -> None:
+        self._close_blocks()
+        if self._layers is not None:
+            self._layers.close()
 
 
 class _FirstBlockReached(Exception):
@@ -350,7 +525,8 @@ def _targets(model: nn.Module, recipe: Recipe, block_names: list[str],
 
 @dataclass
 class _Solves:
-    """How the layer solves of a run are done: where, with how many threads, and recorded where."""
+    """How the layer solves of a run are done: where, with how many threads, recorded where, and
+    who is told."""
 
     executor: Executor | None       # None: in this process
     threads: int
@@ -358,7 +534,7 @@ class _Solves:
     mix: float
     seed: int
     journal: RunJournal | None
-    bar: Any
+    observer: PipelineObserver
 
     def run(self, tasks: list[LayerTask]) -> Iterator[tuple[LayerTask, LayerSolution]]:
         """Solve ``tasks``, yielding each with its solution as it completes."""
@@ -417,9 +593,10 @@ def _solve_and_replace(model: nn.Module, hooks: CalibrationHooks,
     """Compress the layers ``names`` (independent problems), each replaced as its solve returns.
 
     A layer the journal has finished is taken from it instead of solved; every new module goes
-    through its stored form (:func:`~matfactor.adapters.checkpoint._packed_module`), so that the
+    through its stored form (:func:`~matfactor.adapters._storage.packed_module`), so that the
     model continues exactly as a resumed run's would, whether or not a journal keeps it.
     """
+    solves.observer.layers_calibrated(tuple(names))
     reports: dict[str, LayerReport] = {}
     tasks, n_samples = [], {}
     for name in names:
@@ -431,12 +608,11 @@ def _solve_and_replace(model: nn.Module, hooks: CalibrationHooks,
         module, report = finished
         replace_module(model, name, _like(module, model.get_submodule(name)))
         reports[name] = LayerReport(**{**report, "shape": tuple(report["shape"])})
-        solves.bar.update(1)
+        solves.observer.layer_resumed(reports[name])
     for task, solution in solves.run(tasks):
         reports[task.name] = _install(model, task, solution, targets[task.name][1], n_samples[task.name],
                                       solves.journal)
-        solves.bar.update(1)
-        solves.bar.set_postfix_str(f"{task.name}: error {solution.rel_error:.4f}")
+        solves.observer.layer_solved(reports[task.name], solution)
     return [reports[name] for name in names]
 
 
@@ -459,7 +635,7 @@ def _install(model: nn.Module, task: LayerTask, solution: LayerSolution, block: 
     if journal is not None:
         module = journal.record(task.name, module, dataclasses.asdict(report))
     else:
-        module = _packed_module(task.name, module)[2]
+        module = packed_module(task.name, module)[2]
     replace_module(model, task.name, module)
     return report
 
@@ -470,7 +646,8 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
                    granularity: str = "layer", mix: float = 0.5, gram_dtype: str = "float32",
                    seed: int = 0, executor: Executor | None = None, threads: int = 1,
                    resume_dir: str | os.PathLike[str] | None = None, restart: bool = False,
-                   memory_limit: int | None = None, progress: bool = True) -> CompressionReport:
+                   memory_limit: int | None = None, plan: MemoryPlan | None = None,
+                   progress: bool = True, observer: PipelineObserver | None = None) -> CompressionReport:
     """Compress ``model`` in place following ``recipe``, calibrated on ``calibration``.
 
     Parameters
@@ -538,8 +715,17 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
         the solve device has available now; with one, no limit is checked (the pools of
         :func:`~matfactor.adapters.executors.open_pool` know theirs). A run with a layer whose
         solve needs more (:func:`compression_plan`) is refused before anything runs.
+    plan
+        The memory plan of this run made beforehand (:func:`compression_plan` of the same
+        model, recipe, ``blocks``, ``sequential``, ``device`` and ``mix``), to check and report
+        instead of making one here: what it says a solve may use is the limit (so it comes
+        without ``memory_limit``). A plan whose layers, solves or device are not this run's is
+        refused.
     progress
-        Show tqdm progress bars (blocks, and layers within a block).
+        Show tqdm progress bars (the layers, and the blocks in sequential mode).
+    observer
+        Told what the run does as it happens (:class:`PipelineObserver`), besides the
+        progress bars.
 
     Returns
     -------
@@ -550,14 +736,15 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
     Raises
     ------
     MemoryError
-        A layer solve needs more than ``memory_limit`` (nothing has been changed then).
+        A layer solve needs more than ``memory_limit`` or than ``plan`` allows (nothing has been
+        changed then).
+    ValueError
+        ``plan`` is not the plan of this run, or comes with ``memory_limit``.
     RunMismatchError
         ``resume_dir`` holds a run of another model, calibration, recipe or options.
     RuntimeError
         A worker of ``executor`` died (the finished layers are in ``resume_dir``).
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(recipe, Recipe):
@@ -576,6 +763,13 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
     if executor is not None and not callable(getattr(executor, "submit", None)):
         raise TypeError(f"executor must be None or a concurrent.futures.Executor, got "
                         f"{type(executor).__name__}")
+    if plan is not None and not isinstance(plan, MemoryPlan):
+        raise TypeError(f"plan must be None or a MemoryPlan (compression_plan), got {type(plan).__name__}")
+    if plan is not None and memory_limit is not None:
+        raise ValueError("plan and memory_limit were both given: a plan carries its limit (give "
+                         "memory_limit to compression_plan instead)")
+    if observer is not None and not isinstance(observer, PipelineObserver):
+        raise TypeError(f"observer must be None or a PipelineObserver, got {type(observer).__name__}")
     start = time.perf_counter()
     device = _solve_device(model, device)
     storage = torch.device("cpu") if offload else device
@@ -583,9 +777,13 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
     block_names = [name for name, _ in block_list]
     streams = frozenset(name for name, (rule, _) in targets.items()
                         if METHODS[rule.method].needs_streams or (sequential and mix > 0))
-    plan = memory_plan(model, targets, device=device, concurrent=1 if executor is None else None,
-                       memory_limit=memory_limit,
-                       resident=_resident_bytes(model, block_list, device, sequential, bool(streams)))
+    resident = _resident_bytes(model, block_list, device, sequential, bool(streams))
+    if plan is None:
+        plan = memory_plan(model, targets, device=device, concurrent=1 if executor is None else None,
+                           memory_limit=memory_limit, resident=resident)
+    else:  # what this run's solves need, without asking the device what it has
+        _check_plan(plan, memory_plan(model, targets, device=device, concurrent=None, resident=resident),
+                    list(targets))
     plan.check()
     journal = None
     if resume_dir is not None:
@@ -598,23 +796,23 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
     was_training = model.training
     model.eval()
     resumed = 0 if journal is None else journal.finished_count(list(targets))
-    if resumed and progress:
-        tqdm.write(f"resuming: {resumed} of {len(targets)} layers done in {journal.directory}")
-    bar = tqdm(total=len(targets), desc="layers", unit="layer", disable=not progress)
-    solves = _Solves(executor, threads, device, mix, seed, journal, bar)
+    bars = [_ProgressBars(None if journal is None else journal.directory)] if progress else []
+    observers = _Observers(bars + ([] if observer is None else [observer]))
+    solves = _Solves(executor, threads, device, mix, seed, journal, observers)
     try:
+        observers.run_started(plan, tuple(block_names) if sequential else (), tuple(targets), resumed)
         with torch.no_grad():
             if sequential:
                 reports = _sequential(model, block_list, batches, targets, streams, storage,
-                                      gram_dtype, granularity, solves, tqdm, progress)
+                                      gram_dtype, granularity, solves)
             else:
                 reports = _one_shot(model, batches, targets, streams, gram_dtype, solves)
-    except BaseException:
+    except BaseException as error:
         if journal is not None:
             journal.discard_if_empty()
+        observers.run_failed(error)
         raise
     finally:
-        bar.close()
         model.train(was_training)
     report = CompressionReport(reports, "sequential" if sequential else "one-shot", len(block_list),
                                len(batches), time.perf_counter() - start, params_before, plan=plan,
@@ -625,7 +823,37 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
         report.notes.append(f"note: {len(starved)} layers (e.g. {starved[0]}) saw fewer calibration samples "
                             "than inputs, so their H is singular and the solves fit the calibration "
                             "data closely; give more calibration text")
+    observers.run_finished(report)
     return report
+
+
+def _check_plan(plan: MemoryPlan, needed: MemoryPlan, layers: list[str]) -> None:
+    """Refuse a ``plan`` given to :func:`compress_model` that is not the plan of its run, whose
+    solves and held blocks are ``needed`` (a plan without a limit) for ``layers``, in order."""
+    if plan.device != needed.device:
+        raise ValueError(f"plan was made for solves on {plan.device}, but this run solves on "
+                         f"{needed.device}")
+
+    def solve(row: PlannedSolve) -> str:
+        return (f"{row.method} ({row.pattern}, W {row.shape[0]}x{row.shape[1]} {row.dtype}, "
+                f"{row.live} live bytes)")
+
+    # compared layer by layer: a plan's rows group the layers by rule, and rules that differ (in
+    # density, say) may need the same memory
+    given = {layer: solve(row) for row in plan.solves for layer in row.layers}
+    wanted = {layer: solve(row) for row in needed.solves for layer in row.layers}
+    if given.keys() != wanted.keys():
+        missing, extra = sorted(wanted.keys() - given.keys()), sorted(given.keys() - wanted.keys())
+        raise ValueError(f"plan covers other layers than this run compresses (not in the plan: "
+                         f"{missing[:3]}, not in the run: {extra[:3]}): it was made for another model "
+                         "or recipe")
+    for layer in layers:
+        if given[layer] != wanted[layer]:
+            raise ValueError(f"plan was made for another recipe or model: it solves layer {layer!r} "
+                             f"with {given[layer]}, this run with {wanted[layer]}")
+    if plan.resident != needed.resident:
+        raise ValueError(f"plan counts {plan.resident} bytes of blocks held on {plan.device}, this run "
+                         f"holds {needed.resident}: it was made with other blocks, sequential or mix")
 
 
 def _solve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -725,8 +953,7 @@ def _named_blocks(model: nn.Module, blocks: Any) -> list[tuple[str, nn.Module]]:
 
 def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list[Any],
                 targets: dict[str, tuple[Rule, int | None]], streams: frozenset[str],
-                storage: Any, gram_dtype: str, granularity: str, solves: _Solves,
-                tqdm: Any, progress: bool) -> list[LayerReport]:
+                storage: Any, gram_dtype: str, granularity: str, solves: _Solves) -> list[LayerReport]:
     device = solves.device
     inputs = _capture_first_inputs(model, blocks, batches, storage)
     for item in inputs:
@@ -736,8 +963,8 @@ def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: 
     # repeated blocks of a model share them, so that only the first block of each kind needs the
     # full pass that finds them (the other blocks' passes stop at each group).
     known_plans: dict[tuple[type, tuple[str, ...]], list[list[str]]] = {}
-    for index, (block_name, block) in enumerate(tqdm(blocks, desc="blocks", unit="block",
-                                                      disable=not progress, leave=False)):
+    for index, (block_name, block) in enumerate(blocks):
+        solves.observer.block_started(index, block_name)
         home = next(block.parameters(), torch.empty(0)).device
         block.to(device)
         remaining = [name for name, (_, block_index) in targets.items() if block_index == index]
@@ -786,6 +1013,7 @@ def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: 
             item.args = (output,) + tuple(item.args[1:])
         dense_block = None  # freed before the next block is copied
         block.to(home)
+        solves.observer.block_finished(index, block_name)
     return reports
 
 

@@ -40,7 +40,7 @@ from typing import Any
 from matfactor import _validation as check
 from matfactor import parse_pattern
 
-from .methods import METHODS
+from .methods import METHODS, Method
 
 __all__ = ["Recipe", "Rule"]
 
@@ -121,7 +121,7 @@ class Rule:
                              f"{sorted(spec.accepted())} (the budget goes in density/rank/pattern)")
         self._check_budget(spec, pattern)
 
-    def _check_budget(self, spec: Any, pattern: str) -> None:
+    def _check_budget(self, spec: Method, pattern: str) -> None:
         structured = ":" in pattern
         if pattern != "unstructured" and not spec.pattern:
             raise ValueError(f"method {self.method!r} takes no sparsity pattern, got pattern={pattern!r}")
@@ -129,11 +129,10 @@ class Rule:
             if self.rank is not None:
                 raise ValueError(f"method {self.method!r} takes a density, not a rank")
             if self.density is None and not structured:
-                raise ValueError(f"method {self.method!r} needs a density (or an n:m pattern)")
+                raise ValueError(f"method {self.method!r} needs a density"
+                                 + (" (or an n:m pattern)" if spec.pattern else ""))
             if self.density is not None and structured:
                 raise ValueError(f"pattern {pattern!r} fixes the density; give no density with it")
-            if self.method == "dsf" and self.density is None:
-                raise ValueError("method 'dsf' needs a density")
         elif spec.budget == "rank":
             if (self.density is None) == (self.rank is None):
                 raise ValueError(f"method {self.method!r} needs exactly one of density and rank")
@@ -245,10 +244,6 @@ class Recipe:
             if rule.applies_to(name):
                 return rule
         return None
-
-    def needs_streams(self) -> bool:
-        """Whether a rule needs MPIFA's two input streams."""
-        return any(METHODS[rule.method].needs_streams for rule in self.rules)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data (round-trips through :meth:`from_dict`)."""
