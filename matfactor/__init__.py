@@ -6,6 +6,7 @@ the Python array API standard. Conventions: a weight is a ``(d_in, d_out)`` matr
 ``docs/``.
 """
 
+from ._contract import contract
 from .admm import AdmmState, admm_prune, admm_solve
 from .dsf import DoubleSparse, double_sparse, dsf_budget_split
 from .error import layer_error
@@ -49,6 +50,7 @@ __all__ = [
     "SylvesterSolver",
     "admm_prune",
     "admm_solve",
+    "contract",
     "double_sparse",
     "dsf_budget_split",
     "hassle_free_learning_rate",

@@ -3,7 +3,9 @@
 Every public function and result class of matfactor validates its arguments through this
 module, and only through it, so that an argument accepts the same values everywhere and a bad
 one gets the same clear error everywhere (the convention of ``DESIGN.md``). Past this point,
-private engines take arguments that are already validated and never check them again.
+private engines take arguments that are already validated and never check them again. The
+scalar checks below are applied from each function's declared parameters
+(:mod:`matfactor._contract`); the array checks are called by the functions directly.
 
 The rules, in short:
 
@@ -67,6 +69,7 @@ __all__ = [
     "integer",
     "flag",
     "choice",
+    "accumulation_dtype",
     "density",
     "damping",
     "rank",
@@ -418,6 +421,14 @@ def choice(name: str, value: Any, choices: Collection[str]) -> str:
         raise ArgumentTypeError(f"{name} must be one of {listed}, got {value!r} ({type_name(value)})")
     if value not in choices:
         raise ValueError(f"{name} must be one of {listed}, got {value!r}")
+    return value
+
+
+def accumulation_dtype(name: str, value: Any) -> str | None:
+    """``None``, ``"float32"`` or ``"float64"``: the dtype statistics are accumulated in."""
+    if value is not None and (not isinstance(value, str) or value not in ("float32", "float64")):
+        error = ValueError if isinstance(value, str) else ArgumentTypeError
+        raise error(f"{name} must be None, 'float32' or 'float64', got {value!r}")
     return value
 
 

@@ -37,16 +37,21 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import _memory
 from . import _validation as check
 from ._array import add_to_diagonal, spd_inverse
+from ._contract import Parameter, contract, declare
 from ._hessian import unit_diagonal
 from .exceptions import ConvergenceWarning
-from .pruning import _prepare_pruning_problem
+from .pruning import _PRUNER_PARAMETERS, _prepare_pruning_problem
 from .sparsity import SparsityPattern, _cubic_schedule, _gradual_mask, mask_satisfies
 
 __all__ = ["AdmmState", "admm_prune", "admm_solve"]
 
 
+@declare(Parameter("Z", "array"), Parameter("U", "array"), Parameter("mask", "array"),
+         Parameter("iterations", "integer", minimum=0, label="AdmmState.iterations"),
+         Parameter("converged", "flag", optional=True, label="AdmmState.converged"))
 @dataclass(frozen=True)
 class AdmmState:
     """The ADMM iterate, for inspection and warm starts.
@@ -78,10 +83,9 @@ class AdmmState:
         Z = check.matrix(xp, self.Z, "AdmmState.Z", dtype)
         check.matrix(xp, self.U, "AdmmState.U", dtype, shape=tuple(Z.shape))
         check.boolean_mask(xp, self.mask, "AdmmState.mask", tuple(Z.shape))
-        object.__setattr__(self, "iterations",
-                           check.integer("AdmmState.iterations", self.iterations, minimum=0))
-        if self.converged is not None:
-            object.__setattr__(self, "converged", check.flag("AdmmState.converged", self.converged))
+        valid = contract(AdmmState).validate(iterations=self.iterations, converged=self.converged)
+        object.__setattr__(self, "iterations", valid["iterations"])
+        object.__setattr__(self, "converged", valid["converged"])
 
 
 @dataclass(frozen=True)
@@ -112,16 +116,6 @@ def _to_user(xp: Any, factor: _AdmmFactor, A: Any) -> Any:
 
 def _from_user(xp: Any, factor: _AdmmFactor, A: Any) -> Any:
     return xp.where(factor.dead[:, None], xp.zeros_like(A), A * factor.scale[:, None])
-
-
-def _admm_prune_options(iters: Any, gradual_iters: Any, damping: Any, rho: Any,
-                        ) -> tuple[int, int, float, float]:
-    """The options of :func:`admm_prune`, validated."""
-    iters = check.integer("iters", iters, minimum=1)
-    gradual_iters = check.integer("gradual_iters", gradual_iters, minimum=0, maximum=iters,
-                                  what=f"(at most iters = {iters})")
-    return iters, gradual_iters, check.damping(damping), check.real("rho", rho, minimum=0.0,
-                                                                      low_open=True)
 
 
 def _warm_start(xp: Any, warm_start: Any, W: Any, w_exponent: int) -> AdmmState | None:
@@ -177,6 +171,11 @@ def _admm_iterations(xp: Any, H_rho_inv: Any, target: Any, rho: float, W_hat: An
     raise AssertionError("unreachable")
 
 
+@declare(*_PRUNER_PARAMETERS, Parameter("iters", "integer", minimum=1),
+         Parameter("gradual_iters", "integer", minimum=0, maximum="iters",
+                   what="(at most iters = {iters})"),
+         Parameter("damping", "damping"), Parameter("rho", "real", minimum=0.0, low_open=True),
+         Parameter("warm_start", "object", optional=True), Parameter("return_state", "flag"))
 def admm_prune(W: Any, H: Any, *, density: float | None = None,
                pattern: str | SparsityPattern = "unstructured", iters: int = 20,
                gradual_iters: int = 15, damping: float = 0.1, rho: float = 1.0,
@@ -220,8 +219,9 @@ def admm_prune(W: Any, H: Any, *, density: float | None = None,
         The pruned weight in the compute dtype, meeting ``pattern`` and its budget exactly.
     """
     problem = _prepare_pruning_problem(W, H, density, pattern, needs_H=True)
-    iters, gradual_iters, damping, rho = _admm_prune_options(iters, gradual_iters, damping, rho)
-    return_state = check.flag("return_state", return_state)
+    iters, gradual_iters, damping, rho, return_state = contract(admm_prune).validate(
+        iters=iters, gradual_iters=gradual_iters, damping=damping, rho=rho,
+        return_state=return_state).values()
     xp = problem.xp
     W_scaled, w_exponent = problem.scaled_W()
     warm_start = _warm_start(xp, warm_start, W_scaled, w_exponent)
@@ -282,6 +282,12 @@ def _admm_prune_with_factor(xp: Any, W: Any, factor: _AdmmFactor, density: float
     return AdmmState(Z_user, _to_user(xp, factor, U), mask, iters)
 
 
+@declare(Parameter("W", "array"), Parameter("H", "array"), Parameter("mask", "array"),
+         Parameter("damping", "damping"), Parameter("rho", "real", minimum=0.0, low_open=True),
+         Parameter("tol", "real", minimum=0.0, low_open=True, optional=True),
+         Parameter("max_iters", "integer", minimum=1), Parameter("check_every", "integer", minimum=1),
+         Parameter("adaptive_rho", "flag"), Parameter("warm_start", "object", optional=True),
+         Parameter("return_state", "flag"))
 def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 1.0,
                tol: float | None = None, max_iters: int = 2000, check_every: int = 10,
                adaptive_rho: bool = True, warm_start: AdmmState | None = None,
@@ -336,15 +342,12 @@ def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 
     problem = _prepare_pruning_problem(W, H, 1.0, "unstructured", needs_H=True)
     xp, _ = check.namespace(W=W, mask=mask)
     mask = check.boolean_mask(xp, mask, "mask", tuple(problem.W.shape))
-    damping = check.damping(damping)
-    rho = check.real("rho", rho, minimum=0.0, low_open=True)
-    max_iters = check.integer("max_iters", max_iters, minimum=1)
-    check_every = check.integer("check_every", check_every, minimum=1)
+    damping, rho, max_iters, check_every, tol, adaptive_rho, return_state = contract(
+        admm_solve).validate(damping=damping, rho=rho, max_iters=max_iters,
+                             check_every=check_every, tol=tol, adaptive_rho=adaptive_rho,
+                             return_state=return_state).values()
     if tol is None:
         tol = 1e-10 if problem.W.dtype == xp.float64 else 1e-5
-    tol = check.real("tol", tol, minimum=0.0, low_open=True)
-    adaptive_rho = check.flag("adaptive_rho", adaptive_rho)
-    return_state = check.flag("return_state", return_state)
     W_scaled, w_exponent = problem.scaled_W()
     warm_start = _warm_start(xp, warm_start, W_scaled, w_exponent)
 
@@ -396,3 +399,19 @@ def admm_solve(W: Any, H: Any, mask: Any, *, damping: float = 0.0, rho: float = 
         return Z_user
     return AdmmState(Z_user, check.times_power_of_two(xp, _to_user(xp, factor, U), w_exponent),
                      mask, iterations, converged)
+
+
+# --------------------------------------------------------------------------- memory model
+
+
+@_memory.counts(admm_prune)
+def _admm_prune_memory(problem: _memory.Problem) -> _memory.SolveMemory:
+    """The front door's 3 Hh; ``_admm_factor``: W scaled, H scaled, H/D/D (two), eye, eye·λ,
+    the sum (M + 5 Hh); the loop (``_admm_iterations`` at a gradual mask step): H_n and
+    (H_n + ρI)⁻¹ (2 Hh); W scaled, W_n, target, the cold start's U = 0 (kept by
+    ``_admm_prune_with_factor``), Ŵ, U, V, on, off, signed ρ, ``|V|`` and kthvalue's copy
+    (12 M), its int64 indices and the old and new masks; n:m (``_gradual_mask``): the mask of
+    the n best and ``where(it, inf, |V|)``."""
+    M, Hh, mn = problem.M, problem.Hh, problem.mn
+    loop = 2 * Hh + 12 * M + 8 * mn + 2 * mn + (M + mn if problem.nm else 0)
+    return _memory.SolveMemory(max(3 * Hh, M + 5 * Hh, loop), M)

@@ -32,17 +32,17 @@ from typing import Any
 
 import array_api_compat
 
+from . import _memory
 from . import _validation as check
 from ._array import add_to_diagonal, contiguous, spd_inverse, spd_solve, top_k_mask
+from ._contract import Parameter, contract, declare
 from ._hessian import unit_diagonal
 from .admm import _admm_iterations
 from .error import layer_error
-from .sparsity import SparsityPattern, _keep_count
+from .sparsity import _keep_count
 from .sylvester import SylvesterSolver
 
 __all__ = ["DoubleSparse", "double_sparse", "dsf_budget_split"]
-
-_UNSTRUCTURED = SparsityPattern("unstructured")
 
 #: Shares of the total budget the square factor gets by default (see :func:`dsf_budget_split`):
 #: when it is the factor that the layer-wise finalization re-fits (next to the output), and
@@ -97,6 +97,13 @@ class DoubleSparse:
         return layer_error(W, self.dense(), H)
 
 
+# 'auto', 'paper' or a share of the budget in (0, 1).
+_SPLIT = Parameter("split", "real", minimum=0.0, maximum=1.0, low_open=True, high_open=True,
+                   choices=("auto", "paper"))
+
+
+@declare(Parameter("shape", "shape"), Parameter("density", "density"), _SPLIT,
+         Parameter("layerwise", "flag"))
 def dsf_budget_split(shape: tuple[int, int], density: float, split: str | float = "auto",
                      layerwise: bool = False) -> tuple[int, int]:
     """Nonzeros for the square factor and for the other one.
@@ -116,7 +123,7 @@ def dsf_budget_split(shape: tuple[int, int], density: float, split: str | float 
         layer-wise finalization re-fits, i.e. ``B`` next to the output of a tall layer
         (``layerwise`` and ``d_in > d_out``); a fifth otherwise (square and wide layers, and the
         projection problem). Measured on real all-MiniLM-L6-v2 layers at densities 0.5, 0.3 and
-        0.25 (``docs/guide.md``), this rule was the better of the two shares in every case.
+        0.25 (``docs/guide/dsf.md``), this rule was the better of the two shares in every case.
         ``"paper"``: the reference code's fixed rule, 16% of the square factor's own size for a
         square weight and 25% for a rectangular one, whatever the density; at low density it
         starves the other factor. A float in (0, 1): that share of the total budget.
@@ -128,9 +135,8 @@ def dsf_budget_split(shape: tuple[int, int], density: float, split: str | float 
     (nnz_square, nnz_other)
         Never more than each factor's size; what one cannot hold goes to the other.
     """
-    d_in, d_out = check.shape(shape)
-    density = check.density(density, _UNSTRUCTURED)
-    layerwise = check.flag("layerwise", layerwise)
+    (d_in, d_out), density, layerwise = contract(dsf_budget_split).validate(
+        shape=shape, density=density, layerwise=layerwise).values()
     return _budget_split((d_in, d_out), density, split, layerwise)
 
 
@@ -139,12 +145,7 @@ def _budget_split(shape: tuple[int, int], density: float, split: Any, layerwise:
     d_in, d_out = shape
     k, m = min(d_in, d_out), max(d_in, d_out)
     total = _keep_count(density, d_in * d_out)
-    # split is 'auto', 'paper' or a share in (0, 1).
-    if isinstance(split, str):
-        split = check.choice("split", split, ("auto", "paper"))
-    else:
-        split = check.real("split", split, minimum=0.0, maximum=1.0, low_open=True,
-                           high_open=True)
+    split = contract(dsf_budget_split).validate(split=split)["split"]
     if split == "auto":
         share = _AUTO_SHARE_REFIT if layerwise and d_in > d_out else _AUTO_SHARE_OTHER
         square = math.floor(share * total)
@@ -161,6 +162,13 @@ def _budget_split(shape: tuple[int, int], density: float, split: Any, layerwise:
     return square, other
 
 
+@declare(Parameter("W", "array"), Parameter("density", "density"), Parameter("H", "array"), _SPLIT,
+         Parameter("outer_iters", "integer", minimum=1), Parameter("inner_iters", "integer", minimum=1),
+         Parameter("mask_iters", "integer", minimum=0, maximum="inner_iters",
+                   what="(at most inner_iters = {inner_iters})"),
+         Parameter("damping", "damping", low_open=True), Parameter("finalize", "flag"),
+         Parameter("finalize_input_factor", "flag"), Parameter("finalize_iters", "integer", minimum=1),
+         Parameter("square_mask", "array", optional=True))
 def double_sparse(W: Any, density: float, H: Any | None = None, *, split: str | float = "auto",
                   outer_iters: int = 40, inner_iters: int = 5, mask_iters: int = 2,
                   damping: float = 0.01, finalize: bool = True, finalize_input_factor: bool = False,
@@ -211,15 +219,11 @@ def double_sparse(W: Any, density: float, H: Any | None = None, *, split: str | 
     check.namespace(W=W, square_mask=square_mask, optional=("square_mask",))
     d_in, d_out = W.shape
     k = min(d_in, d_out)
-    density = check.density(density, _UNSTRUCTURED)
-    outer_iters = check.integer("outer_iters", outer_iters, minimum=1)
-    inner_iters = check.integer("inner_iters", inner_iters, minimum=1)
-    mask_iters = check.integer("mask_iters", mask_iters, minimum=0, maximum=inner_iters,
-                               what=f"(at most inner_iters = {inner_iters})")
-    finalize_iters = check.integer("finalize_iters", finalize_iters, minimum=1)
-    damping = check.damping(damping, positive=True)
-    finalize = check.flag("finalize", finalize)
-    finalize_input_factor = check.flag("finalize_input_factor", finalize_input_factor)
+    (density, outer_iters, inner_iters, mask_iters, finalize_iters, damping, finalize,
+     finalize_input_factor) = contract(double_sparse).validate(
+        density=density, outer_iters=outer_iters, inner_iters=inner_iters, mask_iters=mask_iters,
+        finalize_iters=finalize_iters, damping=damping, finalize=finalize,
+        finalize_input_factor=finalize_input_factor).values()
 
     if square_mask is not None:
         square_mask = check.boolean_mask(xp, square_mask, "square_mask", (k, k))
@@ -383,3 +387,45 @@ def _finalize_input_factor(xp: Any, W: Any, H: Any, A: Any, B: Any, iters: int) 
         Z = xp.where(mask, V, 0.0)
         U = V - Z
     return xp.where(dead[:, None], xp.zeros_like(Z), Z / scale[:, None])
+
+
+# --------------------------------------------------------------------------- memory model
+
+
+@_memory.counts(double_sparse)
+def _double_sparse_memory(problem: _memory.Problem) -> _memory.SolveMemory:
+    """Double sparse factorization: the alternation, then the finalizations it is asked for."""
+    d_in, d_out, s, options = problem.d_in, problem.d_out, problem.itemsize, problem.options
+    mn, M, Hh = problem.mn, problem.M, problem.Hh
+    B = mn
+    k = min(d_in, d_out)
+    K, kk = k * k * s, k * k
+    # the front door's H and W scaled, and the input-norm-scaled target (kept by _double_sparse)
+    base = Hh + 2 * M
+    # the other factor's initial mask: |T|, kthvalue's copy and indices; then zeros, the where
+    start = base + max(M + _memory.top_k_bytes(mn, s), 3 * M + B)
+    # S-update (_sparse_regression with G = other otherᵀ, k x k): the factors other and U_other
+    # (2 M), S and U_S; G, otherTᵀ, the contiguous copies of Sᵀ and U_Sᵀ, G_n, zeros, target,
+    # Z_n, U_n, the first step and (G_n + I)⁻¹ (11 K); the loop at a mask step: Ŵ, U, V, on, off,
+    # signed ρ, |V| and kthvalue's copy (8 K), its indices and the mask
+    s_update = base + 2 * M + 21 * K + 8 * kk + kk
+    # other-update (F = S, unknown k x max): other, U_other, S^T T, zeros, target, Z_n, U_n,
+    # the first step (8 M), the loop's 8 arrays as above (8 M), the Gram matrices (5 K), the
+    # indices and the mask; a tall weight's transposed other and U_other are copied to
+    # row-major order (contiguous) at every update (2 M)
+    other_update = base + 16 * M + 5 * K + 8 * mn + B + (2 * M if d_in > d_out else 0)
+    peak = max(3 * Hh, start, s_update, other_update)
+    A, Bf = d_in * k * s, k * d_out * s
+    if options.get("finalize", True):
+        # _finalize_output_factor: A, B, H A, AᵀHA, G_n, (G_n + I)⁻¹ (+ eye, sum), the target,
+        # B_n, target/scale, zeros and the loop's 8 arrays
+        peak = max(peak, base + 2 * A + 13 * Bf + 5 * K + k * d_out)
+        if options.get("finalize_input_factor", False):
+            # _finalize_input_factor beside A and B: H_n; SylvesterSolver: symmetric's 3 Hh, H_n
+            # scaled and eigh of it; then H_n, Q, R and BBᵀ kept, and the loop: linear (after
+            # W·scale and H_n(W·scale)), Z, U, X, V and a solve's C, C scaled, QᵀC, QᵀCR, the
+            # denominator, the quotient and the products back (about 11 A)
+            peak = max(peak, base + A + Bf + Hh + max(3 * Hh, Hh + _memory.eigh_bytes(d_in, s),
+                                                      Hh + 2 * K + 2 * M + A,
+                                                      Hh + 2 * K + 11 * A + d_in * k))
+    return _memory.SolveMemory(peak, (d_in + d_out) * k * s)

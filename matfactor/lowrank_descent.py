@@ -38,6 +38,7 @@ from array_api_compat import is_cupy_namespace, is_torch_namespace
 
 from . import _validation as check
 from ._array import random_normal
+from ._contract import Parameter, contract, declare
 from ._hessian import diagonal_scaling
 from .svd import LowRank
 
@@ -50,6 +51,8 @@ _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 _DIVERGENCE_FACTOR = 2.0
 
 
+@declare(Parameter("iteration", "integer", minimum=0, doc="The outer iteration ``t``."),
+         Parameter("base_lr", "real", minimum=0.0, low_open=True, doc="The base learning rate ``η``."))
 def hassle_free_learning_rate(iteration: int, base_lr: float = 1e-2) -> float:
     """``η_t = η / (t + 10)``: the learning rate of Low-Rank-GD at HASSLE-free iteration ``t``.
 
@@ -57,8 +60,8 @@ def hassle_free_learning_rate(iteration: int, base_lr: float = 1e-2) -> float:
     alternating-minimisation iterations ``t = 1, 2, ...``; within one call of Low-Rank-GD it is
     constant. Appendix A.2: ``η = 1e-2`` with the scaling of section 4.2.3.
     """
-    iteration = check.integer("iteration", iteration, minimum=0)
-    base_lr = check.real("base_lr", base_lr, minimum=0.0, low_open=True)
+    iteration, base_lr = contract(hassle_free_learning_rate).validate(
+        iteration=iteration, base_lr=base_lr).values()
     return base_lr / (iteration + 10)
 
 
@@ -133,6 +136,11 @@ def _init_factors(xp: Any, init: Any, W: Any, rank: int, w_exponent: int) -> Any
     return LowRank(check.times_power_of_two(xp, U, -w_exponent), V)
 
 
+@declare(Parameter("W", "array"), Parameter("H", "array"), Parameter("rank", "rank"),
+         Parameter("iters", "integer", minimum=0), Parameter("lr", "real", minimum=0.0, low_open=True),
+         Parameter("init", "object", choices=("svd", "random"), optional=True),
+         Parameter("scaled", "flag"), Parameter("damping", "damping"), Parameter("rng", "rng"),
+         Parameter("return_history", "flag"), Parameter("check_every", "integer", minimum=1))
 def lowrank_gd(W: Any, H: Any, rank: int, *, iters: int = 200, lr: float = 1e-2,
                init: LowRank | str | None = None, scaled: bool = True, damping: float = 0.0,
                rng: Any = None, return_history: bool = True, check_every: int = 10) -> LowRank:
@@ -197,14 +205,10 @@ def lowrank_gd(W: Any, H: Any, rank: int, *, iters: int = 200, lr: float = 1e-2,
     returned.
     """
     xp, device, W, H, w_exponent = check.layer_problem(W, H, needs_H=True, require_live=True)
-    rank = check.rank(rank, tuple(W.shape))
-    iters = check.integer("iters", iters, minimum=0)
-    check_every = check.integer("check_every", check_every, minimum=1)
-    damping = check.damping(damping)
-    lr = check.real("lr", lr, minimum=0.0, low_open=True)
-    scaled = check.flag("scaled", scaled)
-    return_history = check.flag("return_history", return_history)
-    rng = check.rng(rng)
+    rank, iters, check_every, damping, lr, scaled, return_history, rng = contract(
+        lowrank_gd).validate({"shape": tuple(W.shape)}, rank=rank, iters=iters,
+                             check_every=check_every, damping=damping, lr=lr, scaled=scaled,
+                             return_history=return_history, rng=rng).values()
     init = _init_factors(xp, init, W, rank, w_exponent)
 
     H_n, scale, dead = diagonal_scaling(xp, H, damping)

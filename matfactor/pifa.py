@@ -30,8 +30,10 @@ from typing import Any
 
 import array_api_compat
 
+from . import _memory
 from . import _validation as check
 from ._array import chained_products, pivoted_qr, solve_triangular
+from ._contract import Parameter, contract, declare
 from .error import layer_error
 
 __all__ = ["Pivoted", "pifa_from_dense", "pifa_from_factors", "pifa_rank_for_density"]
@@ -214,11 +216,11 @@ def _pivots_and_coefficients(xp: Any, A: Any, rank: int, rtol: float | None, nam
     return pivots, non_pivots, C
 
 
-def _rtol(rtol: Any) -> float | None:
-    return None if rtol is None else check.real("rtol", rtol, minimum=0.0, maximum=1.0,
-                                                 high_open=True)
+# The pivoting tolerance, shared by every function that pivots (None: the default of the dtype).
+_RTOL = Parameter("rtol", "real", minimum=0.0, maximum=1.0, high_open=True, optional=True)
 
 
+@declare(Parameter("W", "array"), Parameter("rank", "rank"), _RTOL)
 def pifa_from_dense(W: Any, rank: int, *, rtol: float | None = None) -> Pivoted:
     """Pivoting factorization of a dense rank-``rank`` matrix (PIFA paper, section 3.2).
 
@@ -258,8 +260,8 @@ def pifa_from_dense(W: Any, rank: int, *, rtol: float | None = None) -> Pivoted:
     """
     xp, _ = check.namespace(W=W)
     W = check.matrix(xp, W, "W", check.common_dtype(xp, W=W))
-    rank = check.rank(rank, tuple(W.shape))
-    rtol = _rtol(rtol)
+    rank, rtol = contract(pifa_from_dense).validate({"shape": tuple(W.shape)}, rank=rank,
+                                                    rtol=rtol).values()
     # Pivots and C do not depend on the scale of W: compute on W at unit magnitude.
     W, w_exponent = check.normalised(xp, W, "W")
     pivots, non_pivots, C = _pivots_and_coefficients(xp, W, rank, rtol, "W")
@@ -267,6 +269,7 @@ def pifa_from_dense(W: Any, rank: int, *, rtol: float | None = None) -> Pivoted:
     return Pivoted(pivots, non_pivots, W_p, C)
 
 
+@declare(Parameter("U", "array"), Parameter("V", "array"), _RTOL)
 def pifa_from_factors(U: Any, V: Any, *, rtol: float | None = None) -> Pivoted:
     """PIFA of ``Ŵ = U @ Vᵀ`` in ``O((d_in + d_out)·r²)``, never forming ``Ŵ``.
 
@@ -317,7 +320,7 @@ def pifa_from_factors(U: Any, V: Any, *, rtol: float | None = None) -> Pivoted:
         raise ValueError(f"rank must be an integer in [1, {min(d_in, d_out)}]: the factors' "
                          f"r = U.shape[1] = {r} must be at most min(d_in, d_out) = "
                          f"min({d_in}, {d_out})")
-    rtol = _rtol(rtol)
+    rtol = contract(pifa_from_factors).validate(rtol=rtol)["rtol"]
     return _pifa_from_factors(xp, U, V, rtol)
 
 
@@ -331,6 +334,9 @@ def _pifa_from_factors(xp: Any, U: Any, V: Any, rtol: float | None) -> Pivoted:
     return Pivoted(pivots, non_pivots, W_p, C)
 
 
+@declare(Parameter("shape", "shape"),
+         Parameter("density", "real", minimum=0.0, maximum=1.0, low_open=True),
+         Parameter("multiple_of", "integer", minimum=1))
 def pifa_rank_for_density(shape: tuple[int, int], density: float, *, multiple_of: int = 1) -> int:
     """The largest rank whose PIFA layer fits in ``density`` of the dense parameters.
 
@@ -356,9 +362,8 @@ def pifa_rank_for_density(shape: tuple[int, int], density: float, *, multiple_of
         If ``shape`` is not two positive integers, ``density`` is not in (0, 1], or not even
         rank ``multiple_of`` fits in the budget.
     """
-    multiple_of = check.integer("multiple_of", multiple_of, minimum=1)
-    d_in, d_out = check.shape(shape)
-    density = check.real("density", density, minimum=0.0, maximum=1.0, low_open=True)
+    multiple_of, (d_in, d_out), density = contract(pifa_rank_for_density).validate(
+        multiple_of=multiple_of, shape=shape, density=density).values()
     total, budget = d_in + d_out, float(density) * d_in * d_out
     # r(total − r) increases on [0, total/2] ⊇ [0, min(d_in, d_out)]: start at the smaller root
     # of r² − total·r + budget = 0 and correct the rounding in exact integer arithmetic.
@@ -373,3 +378,14 @@ def pifa_rank_for_density(shape: tuple[int, int], density: float, *, multiple_of
                          f"{smallest} already needs {smallest * (total - smallest)} values, over "
                          f"the budget of {budget:.0f}")
     return r
+
+
+# --------------------------------------------------------------------------- memory model
+
+
+@_memory.counts(pifa_from_factors)
+def _pifa_from_factors_memory(problem: _memory.Problem) -> _memory.SolveMemory:
+    """``_pifa_from_factors`` beside its factors (:func:`matfactor._memory.pifa_from_factors_bytes`)."""
+    d_in, d_out, r, s = problem.d_in, problem.d_out, problem.rank, problem.itemsize
+    return _memory.SolveMemory(_memory.pifa_from_factors_bytes(d_in, d_out, r, s),
+                               _memory.pivoted_bytes(d_in, d_out, r, s))

@@ -16,17 +16,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from . import _memory
 from . import _validation as check
 from ._array import cholesky, spd_inverse, top_k_mask
+from ._contract import Parameter, contract, declare
 from ._hessian import damped_hessian, input_norms
-from .sparsity import SparsityPattern, _keep_count, _mask, _wanda_scores, nnz_budget, parse_pattern
+from .sparsity import SparsityPattern, _keep_count, _mask, _wanda_scores, nnz_budget
 
 __all__ = ["Pruner", "magnitude_prune", "wanda_prune", "sparsegpt_prune"]
+
+# The parameters every pruner shares (the Pruner protocol), declared once.
+_PRUNER_PARAMETERS = (
+    Parameter("W", "array", doc="``(d_in, d_out)`` weight."),
+    Parameter("H", "array", doc="``(d_in, d_in)`` Gram matrix ``XᵀX`` of the calibration inputs."),
+    Parameter("density", "density", doc="Kept fraction in (0, 1]; ``None`` for ``'n:m'`` (implied n/m)."),
+    Parameter("pattern", "pattern", doc="``'unstructured'``, ``'per_output'`` or ``'n:m'`` "
+                                        "(:mod:`matfactor.sparsity`)."))
 
 
 class Pruner(Protocol):
     """The signature shared by all pruners."""
 
+    @declare(*_PRUNER_PARAMETERS)
     def __call__(self, W: Any, H: Any | None, *, density: float | None = None,
                  pattern: str | SparsityPattern = "unstructured") -> Any: ...
 
@@ -67,14 +78,14 @@ def _prepare_pruning_problem(W: Any, H: Any | None, density: float | None,
     """Validate the shared pruner arguments (shapes, dtypes, finiteness, pattern, budget)."""
     xp, device, W, H, _ = check.layer_problem(W, H, needs_H=needs_H, require_live=needs_H,
                                               scale=False)
-    pattern = parse_pattern(pattern)
-    density = check.density(density, pattern)
+    pattern, density = contract(Pruner.__call__).validate(pattern=pattern, density=density).values()
     if nnz_budget(tuple(W.shape), density, pattern) == 0:
         raise ValueError(f"density={density} keeps no entry of a {tuple(W.shape)} weight under "
                          f"pattern '{pattern}'; increase density")
     return _PruningProblem(xp, device, W, H, density, pattern)
 
 
+@declare(*_PRUNER_PARAMETERS)
 def magnitude_prune(W: Any, H: Any | None = None, *, density: float | None = None,
                     pattern: str | SparsityPattern = "unstructured") -> Any:
     """Keep the largest ``|W|`` under ``pattern``: the Frobenius projection onto the pattern.
@@ -86,6 +97,7 @@ def magnitude_prune(W: Any, H: Any | None = None, *, density: float | None = Non
     return problem.keep(_mask(xp, xp.abs(problem.W), problem.density, problem.pattern))
 
 
+@declare(*_PRUNER_PARAMETERS)
 def wanda_prune(W: Any, H: Any, *, density: float | None = None,
                 pattern: str | SparsityPattern = "unstructured") -> Any:
     """Wanda (Sun et al., 2023): keep the largest ``|W_ij| · ||X_i||`` under ``pattern``.
@@ -101,6 +113,8 @@ def wanda_prune(W: Any, H: Any, *, density: float | None = None,
 
 
 
+@declare(*_PRUNER_PARAMETERS, Parameter("damping", "damping", low_open=True),
+         Parameter("block_size", "integer", minimum=1))
 def sparsegpt_prune(W: Any, H: Any, *, density: float | None = None,
                     pattern: str | SparsityPattern = "unstructured", damping: float = 0.01,
                     block_size: int = 128) -> Any:
@@ -136,18 +150,13 @@ def sparsegpt_prune(W: Any, H: Any, *, density: float | None = None,
         The pruned and updated weight; weights of dead inputs are zero.
     """
     problem = _prepare_pruning_problem(W, H, density, pattern, needs_H=True)
-    damping, block_size = _sparsegpt_options(damping, block_size)
+    damping, block_size = contract(sparsegpt_prune).validate(damping=damping,
+                                                             block_size=block_size).values()
     factor = _sparsegpt_factor(problem.xp, problem.scaled_H(), damping)
     W_scaled, w_exponent = problem.scaled_W()
     W_pruned = _sparsegpt_with_factor(problem.xp, W_scaled, factor, problem.density,
                                       problem.pattern, block_size)
     return check.times_power_of_two(problem.xp, W_pruned, w_exponent)
-
-
-def _sparsegpt_options(damping: Any, block_size: Any) -> tuple[float, int]:
-    """SparseGPT's ``damping > 0`` and ``block_size >= 1``, validated."""
-    return (check.damping(damping, positive=True),
-            check.integer("block_size", block_size, minimum=1))
 
 
 @dataclass(frozen=True)
@@ -236,3 +245,29 @@ def _sparsegpt_block(xp: Any, block: Any, U_block: Any, pivots: Any, pattern: Sp
         if i + 1 < size:
             block[i + 1:, :] = block[i + 1:, :] - U_block[i, i + 1:][:, None] * error[None, :]
     return pruned, errors
+
+
+# --------------------------------------------------------------------------- memory models
+
+
+@_memory.counts(magnitude_prune)
+@_memory.counts(wanda_prune)
+def _score_pruning_memory(problem: _memory.Problem) -> _memory.SolveMemory:
+    """Magnitude and Wanda: the front door's check of ``H`` (a scaled copy, its transposed
+    difference and the absolute value of that: 3 Hh); W scaled, ``|W|``, the scores (3 M); then
+    the scores, kthvalue's copy and indices; then the scores, the mask, ``zeros_like(W)`` and
+    the result (``problem.keep``)."""
+    M, Hh, mn = problem.M, problem.Hh, problem.mn
+    peak = max(3 * Hh, 3 * M, M + _memory.top_k_bytes(mn, problem.itemsize), 3 * M + mn)
+    return _memory.SolveMemory(peak, M)
+
+
+@_memory.counts(sparsegpt_prune)
+def _sparsegpt_memory(problem: _memory.Problem) -> _memory.SolveMemory:
+    """SparseGPT: the front door's 3 Hh; ``_sparsegpt_factor``: H scaled, eye, eye·λ and
+    H + λI (``add_to_diagonal``), then H + λI, its Cholesky factor, the inverse and the factor
+    of the inverse (4 Hh); ``_sparsegpt_with_factor``: U, W scaled, ``where(dead, zeros, W)``
+    and its zeros, the first block's product ``U[...].T @ errors`` and the difference
+    (Hh + 5 M)."""
+    M, Hh = problem.M, problem.Hh
+    return _memory.SolveMemory(max(3 * Hh, 4 * Hh, Hh + 5 * M), M)

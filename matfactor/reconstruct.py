@@ -64,16 +64,26 @@ from typing import Any
 
 import array_api_compat
 
+from . import _memory
 from . import _validation as check
 from ._array import add_to_diagonal, cholesky, solve_triangular
-from .pifa import Pivoted, _pifa_from_factors, _rtol
+from ._contract import Parameter, contract, declare
+from .pifa import _RTOL, Pivoted, _pifa_from_factors, pifa_from_factors
 from .svd import LowRank, _weighted_lowrank
 
 __all__ = ["ReconstructionStatistics", "mpifa", "mpifa_lowrank", "update_U", "update_V"]
 
 _INITS = ("weight", "target")
+# The parameters of the objective (module docstring), shared by the statistics' methods and
+# the solvers.
+_MIX = Parameter("mix", "real", minimum=0.0, maximum=1.0,
+                 doc="The mix ratio λ of eq. 7: 0 targets the compressed stream's own output, 1 "
+                     "the dense model's.")
+_ALPHA = Parameter("alpha", "real", minimum=0.0,
+                   doc="Relative regularisation a = alpha·mean(diag H) (module docstring).")
 
 
+@declare(Parameter("dtype", "dtype"), Parameter("track_error_gram", "flag"))
 class ReconstructionStatistics:
     """Streaming second moments of a layer's two input streams (PIFA paper, section 4).
 
@@ -110,11 +120,8 @@ class ReconstructionStatistics:
     """
 
     def __init__(self, *, dtype: str | None = None, track_error_gram: bool = False) -> None:
-        if dtype is not None and (not isinstance(dtype, str) or dtype not in ("float32", "float64")):
-            error = ValueError if isinstance(dtype, str) else check.ArgumentTypeError
-            raise error(f"dtype must be None, 'float32' or 'float64', got {dtype!r}")
-        self._dtype_name = dtype
-        self.track_error_gram = check.flag("track_error_gram", track_error_gram)
+        self._dtype_name, self.track_error_gram = contract(ReconstructionStatistics).validate(
+            dtype=dtype, track_error_gram=track_error_gram).values()
         self.n_samples = 0
         self._H: Any = None             # the three sums divided by 2**_exponent
         self._error_cross: Any = None
@@ -261,6 +268,7 @@ class ReconstructionStatistics:
         HW = H @ W
         return HW if mix == 0.0 else HW + mix * (_cast(self._error_cross, H.dtype) @ W)
 
+    @declare(Parameter("W", "array"), _MIX)
     def target(self, W: Any, mix: float = 0.25) -> Any:
         """``G = X_uᵀ Y_t = (H + λ·error_cross) W``, Algorithm 3 step 4 (the paper's ``Y_t Xᵀ``).
 
@@ -268,10 +276,11 @@ class ReconstructionStatistics:
         output ``X_u W`` (plain SVD-LLM reconstruction), 1 the dense model's output ``X_o W``
         (full error-accumulation correction, eq. 6).
         """
-        mix = _mix(mix)
+        mix = contract(ReconstructionStatistics.target).validate(mix=mix)["mix"]
         xp, W, H, w_exponent = self._scaled(W)
         return check.times_power_of_two(xp, self._target(xp, W, H, mix), w_exponent + self._stored_exponent)
 
+    @declare(Parameter("W", "array"), _MIX, _ALPHA)
     def target_weight(self, W: Any, mix: float = 0.25, alpha: float = 1e-3) -> Any:
         """The weight ``T`` that any compression method should approximate under ``H``.
 
@@ -297,13 +306,15 @@ class ReconstructionStatistics:
         T
             ``(d_in, d_out)`` in the compute dtype, on ``W``'s device.
         """
-        mix, alpha = _mix(mix), _alpha(alpha)
+        mix, alpha = contract(ReconstructionStatistics.target_weight).validate(
+            mix=mix, alpha=alpha).values()
         xp, W, H, w_exponent = self._scaled(W)
         if mix == 0.0:
             return check.times_power_of_two(xp, W, w_exponent)
         reg = _Regularised(xp, H, self._target(xp, W, H, mix), W, alpha)
         return check.times_power_of_two(xp, reg.solve_H(reg.G), w_exponent)
 
+    @declare(Parameter("W", "array"), Parameter("W_hat", "array"), _MIX, _ALPHA)
     def objective(self, W: Any, W_hat: Any, mix: float = 0.25, alpha: float = 0.0) -> float:
         """The relative reconstruction objective of ``W_hat`` (eqs. 6–7, with eq. 9's term).
 
@@ -318,7 +329,8 @@ class ReconstructionStatistics:
             If the streams differed (some batch had ``X_compressed``), ``mix > 0`` and
             ``error_gram`` was not tracked.
         """
-        mix, alpha = _mix(mix), _alpha(alpha)
+        mix, alpha = contract(ReconstructionStatistics.objective).validate(
+            mix=mix, alpha=alpha).values()
         H_stored = self._require("H", self._H)
         xp, _ = check.namespace(statistics=H_stored, W=W, W_hat=W_hat)
         dtype = check.common_dtype(xp, statistics=H_stored, W=W, W_hat=W_hat)
@@ -359,14 +371,6 @@ def _cast(A: Any, dtype: Any) -> Any:
         return A
     xp = array_api_compat.array_namespace(A)
     return xp.astype(A, dtype)
-
-
-def _mix(mix: Any) -> float:
-    return check.real("mix", mix, minimum=0.0, maximum=1.0)
-
-
-def _alpha(alpha: Any) -> float:
-    return check.real("alpha", alpha, minimum=0.0)
 
 
 def _relative_alpha(xp: Any, H: Any, alpha: float) -> Any:
@@ -457,6 +461,8 @@ def _prepare_update(factor: Any, H: Any, G: Any, W: Any | None, factor_name: str
     return xp, factor, H, G, W, g_exponent - h_exponent - f_exponent
 
 
+@declare(Parameter("U", "array"), Parameter("H", "array"), Parameter("G", "array"),
+         Parameter("W", "array", optional=True), _ALPHA)
 def update_V(U: Any, H: Any, G: Any, *, W: Any | None = None, alpha: float = 0.0) -> Any:
     """The optimal output factor for a fixed input factor: eq. (5) of the PIFA paper.
 
@@ -489,12 +495,14 @@ def update_V(U: Any, H: Any, G: Any, *, W: Any | None = None, alpha: float = 0.0
     V
         ``(d_out, r)`` in the compute dtype.
     """
-    alpha = _alpha(alpha)
+    alpha = contract(update_V).validate(alpha=alpha)["alpha"]
     xp, U, H, G, W, exponent = _prepare_update(U, H, G, W, "U", 0)
     return check.times_power_of_two(xp, _update_V(xp, U, _Regularised(xp, H, G, W, alpha)),
                                     exponent)
 
 
+@declare(Parameter("V", "array"), Parameter("H", "array"), Parameter("G", "array"),
+         Parameter("W", "array", optional=True), _ALPHA)
 def update_U(V: Any, H: Any, G: Any, *, W: Any | None = None, alpha: float = 0.0) -> Any:
     """The optimal input factor for a fixed output factor: eqs. (8)–(9) of the PIFA paper.
 
@@ -527,12 +535,19 @@ def update_U(V: Any, H: Any, G: Any, *, W: Any | None = None, alpha: float = 0.0
         If ``H + aI`` is singular (``alpha = 0`` with dead inputs or fewer samples than
         inputs: use ``alpha > 0``).
     """
-    alpha = _alpha(alpha)
+    alpha = contract(update_U).validate(alpha=alpha)["alpha"]
     xp, V, H, G, W, exponent = _prepare_update(V, H, G, W, "V", 1)
     return check.times_power_of_two(xp, _update_U(xp, V, _Regularised(xp, H, G, W, alpha)),
                                     exponent)
 
 
+# The parameters of both MPIFA solvers (Algorithm 3).
+_MPIFA_PARAMETERS = (Parameter("W", "array"), Parameter("statistics", "object"),
+                     Parameter("rank", "rank"), _MIX, _ALPHA, Parameter("iters", "integer", minimum=0),
+                     Parameter("init", "choice", choices=_INITS))
+
+
+@declare(*_MPIFA_PARAMETERS)
 def mpifa_lowrank(W: Any, statistics: ReconstructionStatistics, rank: int, *, mix: float = 0.25,
                   alpha: float = 1e-3, iters: int = 1, init: str = "weight") -> LowRank:
     """Part 1 of Algorithm 3 (MPIFA): the reconstructed rank-``r`` factors ``U``, ``V``.
@@ -585,11 +600,10 @@ def _mpifa_lowrank(W: Any, statistics: Any, rank: Any, mix: Any, alpha: Any, ite
     if not isinstance(statistics, ReconstructionStatistics):
         raise TypeError(f"statistics must be a ReconstructionStatistics, got "
                         f"{check.type_name(statistics)}")
-    init = check.choice("init", init, _INITS)
-    mix, alpha = _mix(mix), _alpha(alpha)
-    iters = check.integer("iters", iters, minimum=0)
+    declared = contract(mpifa_lowrank)
+    init, mix, alpha, iters = declared.validate(init=init, mix=mix, alpha=alpha, iters=iters).values()
     xp, W, H, w_exponent = statistics._scaled(W)
-    rank = check.rank(rank, tuple(W.shape))
+    rank = declared.validate({"shape": tuple(W.shape)}, rank=rank)["rank"]
     if not float(xp.sum(xp.linalg.diagonal(H))) > 0:
         raise ValueError("statistics.H is zero: the calibration inputs carry no signal")
     reg = _Regularised(xp, H, statistics._target(xp, W, H, mix), W, alpha)
@@ -603,6 +617,7 @@ def _mpifa_lowrank(W: Any, statistics: Any, rank: Any, mix: Any, alpha: Any, ite
     return xp, U, V, w_exponent
 
 
+@declare(*_MPIFA_PARAMETERS, _RTOL, docs_from=(mpifa_lowrank, pifa_from_factors))
 def mpifa(W: Any, statistics: ReconstructionStatistics, rank: int, *, mix: float = 0.25,
           alpha: float = 1e-3, iters: int = 1, init: str = "weight",
           rtol: float | None = None) -> Pivoted:
@@ -627,8 +642,35 @@ def mpifa(W: Any, statistics: ReconstructionStatistics, rank: int, *, mix: float
             stats.update(X_dense, X_compressed)
         layer = mpifa(W, stats, pifa_rank_for_density(W.shape, 0.5))
     """
-    rtol = _rtol(rtol)
+    rtol = contract(mpifa).validate(rtol=rtol)["rtol"]
     xp, U, V, w_exponent = _mpifa_lowrank(W, statistics, rank, mix, alpha, iters, init)
     pivoted = _pifa_from_factors(xp, U, V, rtol)
     return Pivoted(pivoted.pivots, pivoted.non_pivots,
                    check.times_power_of_two(xp, pivoted.W_p, w_exponent), pivoted.C)
+
+
+# --------------------------------------------------------------------------- memory model
+
+
+@_memory.counts(mpifa)
+def _mpifa_memory(problem: _memory.Problem) -> _memory.SolveMemory:
+    """MPIFA beyond its statistics (whose sums the caller counts as inputs)."""
+    d_in, d_out, r, s = problem.d_in, problem.d_out, problem.rank, problem.itemsize
+    M, Hh = problem.M, problem.Hh
+    init_target = problem.options.get("init", "weight") == "target"
+    # statistics._scaled: isfinite(H) (bytes), W scaled; _target: H W, error_cross W,
+    # mix·(error_cross W) and the sum (W scaled + 4 M)
+    peak = max(d_in * d_in + M, 5 * M)
+    # _Regularised: eye, eye·a, H + aI (3 Hh) beside W scaled and G; then H + aI and
+    # G + aW kept with W scaled (2 M + Hh)
+    base = 2 * M + Hh
+    peak = max(peak, 2 * M + 3 * Hh)
+    # init="target": the Cholesky factor of H + aI, (H + aI)⁻¹(G + aW) and its solve
+    start = base + (Hh + 2 * M if init_target else 0)
+    # _weighted_lowrank on the stored H (no front door, no copies of W and H)
+    peak = max(peak, start + _memory.weighted_lowrank_bytes(d_in, d_out, r, s, False))
+    # the sweep: the Cholesky factor of H + aI kept in reg._L, thin solves
+    peak = max(peak, base + Hh + 6 * (d_in + d_out) * r * s)
+    peak = max(peak, base + Hh + _memory.pifa_from_factors_bytes(d_in, d_out, r, s))
+    return _memory.SolveMemory(peak, _memory.pivoted_bytes(d_in, d_out, r, s),
+                               _memory.svd_retained(d_in, d_out, s))

@@ -41,15 +41,24 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
+from . import _memory
 from . import _validation as check
 from ._array import random_normal
 from ._hessian import diagonal_scaling, input_norms
-from .admm import _admm_factor, _admm_prune_options, _admm_prune_with_factor
+from ._contract import Parameter, contract, declare
+from .admm import _admm_factor, _admm_prune_with_factor, admm_prune
 from .error import _weighted_sq_norm, layer_error
 from .lowrank_descent import _adam_lowrank, _balance_columns, hassle_free_learning_rate
-from .pifa import Pivoted, pifa_from_factors
-from .pruning import _sparsegpt_factor, _sparsegpt_options, _sparsegpt_with_factor
-from .sparsity import SparsityPattern, _mask, _wanda_scores, mask_satisfies, nnz_budget, parse_pattern
+from .pifa import _RTOL, Pivoted, pifa_from_factors
+from .pruning import (
+    Pruner,
+    _sparsegpt_factor,
+    _sparsegpt_with_factor,
+    magnitude_prune,
+    sparsegpt_prune,
+    wanda_prune,
+)
+from .sparsity import SparsityPattern, _mask, _wanda_scores, mask_satisfies, nnz_budget
 from .svd import (
     LowRank,
     _default_power_iters,
@@ -75,15 +84,26 @@ _DEFAULT_PRUNER = {"full": "sparsegpt", "diagonal": "wanda", "identity": "magnit
 # Low-Rank-GD is the paper's (P2) step for the full Hessian; for the others (P2) has a closed
 # form (Eckart–Young, Theorem 4.1) that gradient descent could only approach.
 _DEFAULT_LOWRANK = {"full": "gd", "diagonal": "exact", "identity": "exact"}
-# Options of the built-in pruners and their defaults (those of the pruners' own functions).
-_PRUNER_OPTIONS = {
-    "magnitude": {},
-    "wanda": {},
-    "sparsegpt": {"damping": 0.01, "block_size": 128},
-    "admm": {"iters": 20, "gradual_iters": 15, "damping": 0.1, "rho": 1.0},
-}
+# The built-in pruners by name. Their options, defaults and checks are their contracts'
+# parameters beyond the shared pruner signature, less those the alternation sets itself (it
+# warm-starts nothing and takes the pruned weight, not a state).
+_PRUNERS = {"magnitude": magnitude_prune, "wanda": wanda_prune, "sparsegpt": sparsegpt_prune,
+            "admm": admm_prune}
+_NOT_PRUNER_OPTIONS = ("warm_start", "return_state")
 
 
+def _pruner_options(pruner: str) -> dict[str, Any]:
+    """The options of the built-in ``pruner`` and their defaults, in signature order."""
+    shared = contract(Pruner.__call__).parameters
+    return {name: parameter.default
+            for name, parameter in contract(_PRUNERS[pruner]).parameters.items()
+            if name not in shared and name not in _NOT_PRUNER_OPTIONS}
+
+
+@declare(Parameter("S", "array"), Parameter("U", "array"), Parameter("V", "array"),
+         Parameter("history", "object", optional=True),
+         Parameter("best_iteration", "integer", minimum=0, maximum="last_index",
+                   what="(an index in history)", optional=True))
 @dataclass(frozen=True, eq=False)
 class SparsePlusLowRank:
     """A ``(d_in, d_out)`` weight approximated as ``Ŵ = S + U Vᵀ``.
@@ -121,11 +141,9 @@ class SparsePlusLowRank:
                 isinstance(v, float) for v in self.history)):
             raise TypeError(f"history must be None or a tuple of floats, got "
                             f"{check.type_name(self.history)}")
-        if self.best_iteration is not None:
-            limit = None if self.history is None else len(self.history) - 1
-            object.__setattr__(self, "best_iteration", check.integer(
-                "best_iteration", self.best_iteration, minimum=0, maximum=limit,
-                what="" if limit is None else "(an index in history)"))
+        last_index = None if self.history is None else len(self.history) - 1
+        object.__setattr__(self, "best_iteration", contract(SparsePlusLowRank).validate(
+            {"last_index": last_index}, best_iteration=self.best_iteration)["best_iteration"])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -171,6 +189,7 @@ class SparsePlusLowRank:
         (:func:`matfactor.error.layer_error`); Frobenius for ``H = None``."""
         return layer_error(W, self.dense(), H)
 
+    @declare(_RTOL, docs_from=(pifa_from_factors,))
     def pifa(self, *, rtol: float | None = None) -> Pivoted:
         """The low-rank part as a PIFA :class:`~matfactor.pifa.Pivoted` factor.
 
@@ -200,11 +219,9 @@ class SparseLowRankBudget(NamedTuple):
     nnz: int
 
 
-def _fraction(name: str, value: Any, *, closed_low: bool) -> float:
-    return check.real(name, value, minimum=0.0, maximum=1.0, low_open=not closed_low,
-                      high_open=True)
-
-
+@declare(Parameter("shape", "shape"),
+         Parameter("compression", "real", minimum=0.0, maximum=1.0, high_open=True),
+         Parameter("pattern", "pattern"), Parameter("density", "density"))
 def sparse_lowrank_rank(shape: tuple[int, int], compression: float, *,
                         pattern: str | SparsityPattern = "2:4", density: float | None = None) -> int:
     """Rank of the low-rank part for a compression ratio ``ρ`` beside a sparse part (section 5).
@@ -232,10 +249,8 @@ def sparse_lowrank_rank(shape: tuple[int, int], compression: float, *,
     ValueError
         If the sparse part alone exceeds the budget ``(1 − ρ) d_in d_out``.
     """
-    d_in, d_out = check.shape(shape)
-    compression = _fraction("compression", compression, closed_low=True)
-    pattern = parse_pattern(pattern)
-    density = check.density(density, pattern)
+    (d_in, d_out), compression, pattern, density = contract(sparse_lowrank_rank).validate(
+        shape=shape, compression=compression, pattern=pattern, density=density).values()
     size = d_in * d_out
     sparse = nnz_budget((d_in, d_out), density, pattern)
     room = (1.0 - compression) * size - sparse
@@ -247,6 +262,9 @@ def sparse_lowrank_rank(shape: tuple[int, int], compression: float, *,
     return min(rank, d_in, d_out)
 
 
+@declare(Parameter("shape", "shape"),
+         Parameter("compression", "real", minimum=0.0, maximum=1.0, high_open=True),
+         Parameter("rank_ratio", "real", minimum=0.0, maximum=1.0, low_open=True, high_open=True))
 def sparse_lowrank_budget(shape: tuple[int, int], compression: float,
                           rank_ratio: float) -> SparseLowRankBudget:
     """Rank and unstructured nnz from a compression ratio and a rank ratio (appendix A.3, OATS).
@@ -269,9 +287,8 @@ def sparse_lowrank_budget(shape: tuple[int, int], compression: float,
         ``(rank, density, nnz)``; pass ``rank`` and ``density`` to :func:`sparse_plus_lowrank`
         with ``pattern="unstructured"``.
     """
-    d_in, d_out = check.shape(shape)
-    compression = _fraction("compression", compression, closed_low=True)
-    rank_ratio = _fraction("rank_ratio", rank_ratio, closed_low=False)
+    (d_in, d_out), compression, rank_ratio = contract(sparse_lowrank_budget).validate(
+        shape=shape, compression=compression, rank_ratio=rank_ratio).values()
     kept = (1.0 - compression) * d_in * d_out
     rank = min(math.floor(rank_ratio * kept / (d_in + d_out) + 1e-9), d_in, d_out)
     nnz = math.floor((1.0 - rank_ratio) * kept + 1e-9)
@@ -290,13 +307,7 @@ def _sparse_step(xp: Any, pruner: str | Callable[..., Any], H_method: Any, densi
             return _user_result(xp, S, target, density, pattern)
         return user_step
 
-    settings = {**_PRUNER_OPTIONS[pruner], **options}
-    if pruner == "sparsegpt":
-        settings = dict(zip(("damping", "block_size"), _sparsegpt_options(
-            settings["damping"], settings["block_size"])))
-    if pruner == "admm":
-        settings = dict(zip(("iters", "gradual_iters", "damping", "rho"), _admm_prune_options(
-            settings["iters"], settings["gradual_iters"], settings["damping"], settings["rho"])))
+    settings = contract(_PRUNERS[pruner]).validate(**{**_pruner_options(pruner), **options})
     if pruner == "magnitude":
         return lambda target: xp.where(_mask(xp, xp.abs(target), density, pattern), target,
                                        xp.zeros_like(target))
@@ -379,10 +390,11 @@ def _pruner(pruner: Any, options: Any) -> tuple[str | Callable[..., Any], dict[s
                         f"{check.type_name(options)}")
     if callable(pruner):
         return pruner, dict(options)
-    pruner = check.choice("pruner", pruner, tuple(_PRUNER_OPTIONS))
-    unknown = sorted(set(options) - set(_PRUNER_OPTIONS[pruner]))
+    pruner = contract(sparse_plus_lowrank).validate(pruner=pruner)["pruner"]
+    known_options = _pruner_options(pruner)
+    unknown = sorted(set(options) - set(known_options))
     if unknown:
-        known = ", ".join(_PRUNER_OPTIONS[pruner]) or "none"
+        known = ", ".join(known_options) or "none"
         raise TypeError(f"pruner_options {unknown} are not options of pruner '{pruner}' "
                         f"(its options: {known})")
     return pruner, dict(options)
@@ -395,7 +407,7 @@ def _initial_point(xp: Any, init: Any, W: Any, rank: int, w_exponent: int,
     if init is None:
         return None
     if isinstance(init, str):
-        check.choice("init", init, ("random",))
+        contract(sparse_plus_lowrank).validate(init=init)
         return None
     if isinstance(init, SparsePlusLowRank):
         S, U, V = init.S, init.U, init.V
@@ -423,6 +435,15 @@ def _initial_point(xp: Any, init: Any, W: Any, rank: int, w_exponent: int,
 # --------------------------------------------------------------------------- the solver
 
 
+@declare(Parameter("W", "array"), Parameter("H", "array"), Parameter("rank", "rank"),
+         Parameter("density", "density"), Parameter("pattern", "pattern"),
+         Parameter("pruner", "pruner", choices=tuple(_PRUNERS), optional=True),
+         Parameter("lowrank", "choice", choices=_LOWRANK_STEPS, optional=True),
+         Parameter("hessian", "choice", choices=_HESSIANS),
+         Parameter("iters", "integer", minimum=1), Parameter("lowrank_iters", "integer", minimum=1),
+         Parameter("lr", "real", minimum=0.0, low_open=True), Parameter("scaled", "flag"),
+         Parameter("init", "object", choices=("random",), optional=True),
+         Parameter("pruner_options", "object", optional=True), Parameter("rng", "rng"))
 def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | None = None,
                         pattern: str | SparsityPattern = "unstructured",
                         pruner: str | Callable[..., Any] | None = None,
@@ -527,7 +548,8 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
     ``H``. Measured (2-core CPU, 1024 x 1024, 2:4 plus rank 16): 13 GEMMs per default
     iteration, about one standalone SparseGPT call (guide, section 16).
     """
-    hessian = check.choice("hessian", hessian, _HESSIANS)
+    declared = contract(sparse_plus_lowrank)
+    hessian = declared.validate(hessian=hessian)["hessian"]
     if H is None and hessian != "identity":
         raise check.ArgumentTypeError(f"H (the calibration Gram matrix XᵀX) is required with "
                         f"hessian='{hessian}'; only hessian='identity' is data free")
@@ -537,21 +559,17 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
                                                        require_live=hessian != "identity")
     dtype = W.dtype
     d_in, d_out = W.shape
-    rank = check.rank(rank, (d_in, d_out))
-    pattern = parse_pattern(pattern)
-    density = check.density(density, pattern)
+    rank, pattern, density = declared.validate({"shape": (d_in, d_out)}, rank=rank,
+                                               pattern=pattern, density=density).values()
     if nnz_budget((d_in, d_out), density, pattern) == 0:
         raise ValueError(f"density={density} keeps no entry of a {(d_in, d_out)} weight under "
                          f"pattern '{pattern}'; increase density")
     pruner, pruner_options = _pruner(_DEFAULT_PRUNER[hessian] if pruner is None else pruner,
                                            pruner_options)
-    lowrank = check.choice("lowrank", _DEFAULT_LOWRANK[hessian] if lowrank is None else lowrank,
-                            _LOWRANK_STEPS)
-    iters = check.integer("iters", iters, minimum=1)
-    lowrank_iters = check.integer("lowrank_iters", lowrank_iters, minimum=1)
-    lr = check.real("lr", lr, minimum=0.0, low_open=True)
-    scaled = check.flag("scaled", scaled)
-    rng = check.rng(rng)
+    lowrank, iters, lowrank_iters, lr, scaled, rng = declared.validate(
+        lowrank=lowrank, iters=iters, lowrank_iters=lowrank_iters, lr=lr, scaled=scaled,
+        rng=rng).values()
+    lowrank = _DEFAULT_LOWRANK[hessian] if lowrank is None else lowrank
 
     start = _initial_point(xp, init, W, rank, w_exponent)
     reference = float(_weighted_sq_norm(xp, W, H))
@@ -623,3 +641,63 @@ def sparse_plus_lowrank(W: Any, H: Any | None, rank: int, *, density: float | No
     return SparsePlusLowRank(check.times_power_of_two(xp, S, w_exponent),
                              check.times_power_of_two(xp, U, w_exponent), V, tuple(history),
                              best_iteration)
+
+
+# --------------------------------------------------------------------------- memory model
+
+
+def _pruner_memory(pruner: str, problem: _memory.Problem) -> tuple[int, int]:
+    """``(persistent, peak)`` of one ``_sparse_step`` of a built-in pruner, beyond the target it
+    is given: the factor it keeps of ``H``, and its peak."""
+    M, Hh, mn, s = problem.M, problem.Hh, problem.mn, problem.itemsize
+    if pruner in ("magnitude", "wanda"):
+        # scores (|W|, or |W|·norms), top-k, then zeros_like and the where
+        return 0, max(M + _memory.top_k_bytes(mn, s), 3 * M + mn)
+    if pruner == "sparsegpt":
+        # the (d_in, d_in) factor U; the sweep: where(dead, zeros, W) and its zeros, the
+        # first block's  U[...].T @ errors  and the difference, then the concatenated rows
+        return Hh, 4 * M
+    # ADMM: H_n and (H_n + ρI)⁻¹ kept; the loop (_admm_prune_with_factor) without W scaled
+    return 2 * Hh, 10 * M + _memory.top_k_bytes(mn, s) + 2 * mn + (M + mn if problem.nm else 0)
+
+
+@_memory.counts(sparse_plus_lowrank)
+def _sparse_plus_lowrank_memory(problem: _memory.Problem) -> _memory.SolveMemory:
+    """Sparse plus low rank, every variant (``hessian``, ``pruner``, ``lowrank``); a callable
+    pruner is bounded by the largest built-in one, ADMM's."""
+    d_in, d_out, r, s, options = problem.d_in, problem.d_out, problem.rank, problem.itemsize, problem.options
+    M, Hh = problem.M, problem.Hh
+    hessian = options.get("hessian", "full")
+    pruner = options.get("pruner") or _DEFAULT_PRUNER.get(hessian, "sparsegpt")
+    lowrank = options.get("lowrank") or _DEFAULT_LOWRANK.get(hessian, "gd")
+    if not isinstance(pruner, str) or pruner not in _PRUNERS:
+        pruner = "admm"
+    factor, prune = _pruner_memory(pruner, problem)
+    # W and H scaled; H_method (the diagonal or the identity as a matrix, else H itself); the
+    # pruner's factor of H_method; the low-rank coordinates' H_n; Q of the exact full step
+    persistent = M + Hh + (Hh if hessian != "full" else 0) + factor + Hh
+    exact_full = lowrank == "exact" and hessian == "full"
+    persistent += Hh if exact_full else 0
+    # setup, beside W and H scaled: the reference tr(WᵀHW) (H W and the product), H_method
+    # (eye and the product), the pruner's factor of it (sparsegpt: eye, eye·λ, the sum, then
+    # H + λI, the inverse and its factor; admm: H/D/D twice, eye, eye·λ, the sum, the inverse),
+    # and for the exact step with the full H, eigh(H_n) beside H_n
+    method_hessian = Hh if hessian != "full" else 0
+    factor_setup = {"sparsegpt": 3 * Hh, "admm": 5 * Hh}.get(pruner, 0)
+    setup = max(3 * Hh, M + Hh + 2 * M, M + Hh + 2 * Hh,
+                M + Hh + method_hessian + factor_setup,
+                M + Hh + method_hessian + factor + Hh + 2 * M
+                + (_memory.eigh_bytes(d_in, s) if exact_full else 0))
+    # carried between iterations: the best S, the previous S, T and H_n T, U and V (and their
+    # scaled copies, the best ones)
+    carry = 4 * M + 8 * (d_in + d_out) * r * s
+    if lowrank == "gd":
+        # H_n T and T ⊙ H_n T; the objective: residual, (H_n U) Vᵀ, H_n T − that, the product
+        step = 3 * M
+    else:
+        # QᵀT (full), T·√e and the SVD of it; Vh
+        step = (M if exact_full else 0) + M + _memory.svd_bytes(d_in, d_out, s) + min(d_in, d_out) * d_out * s
+    # W − U Vᵀ (the target, and U Vᵀ); to_scaled: W − S, zeros, the product, the where (4 M)
+    loop = persistent + carry + max(M + prune, 2 * M, 4 * M, step)
+    return _memory.SolveMemory(max(setup, loop), M + (d_in + d_out) * r * s,
+                               _memory.svd_retained(d_in, d_out, s))

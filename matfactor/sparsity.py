@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from . import _validation as check
 from ._array import top_k_mask
+from ._contract import Parameter, contract, declare
 from ._hessian import input_norms
 
 __all__ = [
@@ -41,6 +42,9 @@ _KINDS = ("unstructured", "per_output", "n:m")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
+@declare(Parameter("kind", "choice", choices=_KINDS),
+         Parameter("n", "integer", minimum=1, maximum="m", what="(kept per group of m: 1 <= n <= m)"),
+         Parameter("m", "integer", minimum=1, what="(the group size of an 'n:m' pattern)"))
 @dataclass(frozen=True)
 class SparsityPattern:
     """A parsed sparsity pattern.
@@ -58,15 +62,14 @@ class SparsityPattern:
     m: int | None = None
 
     def __post_init__(self) -> None:
-        check.choice("kind", self.kind, _KINDS)
+        declared = contract(SparsityPattern)
+        declared.validate(kind=self.kind)
         if self.kind != "n:m":
             if self.n is not None or self.m is not None:
                 raise ValueError(f"n and m belong to the 'n:m' pattern only; pattern "
                                  f"'{self.kind}' got n={self.n!r}, m={self.m!r}")
             return
-        m = check.integer("m", self.m, minimum=1, what="(the group size of an 'n:m' pattern)")
-        n = check.integer("n", self.n, minimum=1, maximum=m,
-                          what="(kept per group of m: 1 <= n <= m)")
+        m, n = declared.validate(m=self.m, n=self.n).values()
         object.__setattr__(self, "n", n)
         object.__setattr__(self, "m", m)
 
@@ -74,6 +77,8 @@ class SparsityPattern:
         return f"{self.n}:{self.m}" if self.kind == "n:m" else self.kind
 
 
+# The kind "pattern" of a contract is this parser: it validates its argument itself.
+@declare(Parameter("pattern", "pattern", doc="The pattern to parse, or a SparsityPattern (returned)."))
 def parse_pattern(pattern: str | SparsityPattern) -> SparsityPattern:
     """Parse ``"unstructured"``, ``"per_output"`` or ``"n:m"`` (``1 <= n <= m``).
 
@@ -106,11 +111,16 @@ def _keep_count(density: float, size: int) -> int:
     return min(size, math.floor(density * size + 1e-9))
 
 
+_DENSITY = Parameter("density", "density",
+                     doc="Kept fraction in (0, 1]; ``None`` for ``'n:m'`` (implied n/m).")
+_PATTERN = Parameter("pattern", "pattern", doc="``'unstructured'``, ``'per_output'`` or ``'n:m'``.")
+
+
+@declare(Parameter("shape", "shape", doc="``(d_in, d_out)`` of the matrix."), _DENSITY, _PATTERN)
 def nnz_budget(shape: tuple[int, int], density: float | None, pattern: str | SparsityPattern) -> int:
     """The exact number of entries a mask of ``pattern`` keeps in a ``(d_in, d_out)`` matrix."""
-    d_in, d_out = check.shape(shape)
-    pattern = parse_pattern(pattern)
-    density = check.density(density, pattern)
+    (d_in, d_out), pattern, density = contract(nnz_budget).validate(
+        shape=shape, pattern=pattern, density=density).values()
     _check_shape_fits(pattern, d_in)
     if pattern.kind == "unstructured":
         return _keep_count(density, d_in * d_out)
@@ -140,6 +150,7 @@ def _cubic_schedule(step: int, steps: int) -> float:
     return 1.0 - (1.0 - min(step, steps) / steps) ** 3
 
 
+@declare(Parameter("scores", "array"), _DENSITY, _PATTERN)
 def mask_from_scores(scores: Any, density: float | None = None,
                      pattern: str | SparsityPattern = "unstructured") -> Any:
     """Keep the highest ``scores`` under ``pattern``: a boolean mask of the scores' shape.
@@ -161,8 +172,7 @@ def mask_from_scores(scores: Any, density: float | None = None,
     """
     xp, _ = check.namespace(scores=scores)
     scores = check.matrix(xp, scores, "scores", check.common_dtype(xp, scores=scores))
-    pattern = parse_pattern(pattern)
-    density = check.density(density, pattern)
+    pattern, density = contract(mask_from_scores).validate(pattern=pattern, density=density).values()
     return _mask(xp, scores, density, pattern)
 
 
@@ -259,6 +269,9 @@ def _wanda_scores(xp: Any, W: Any, norms: Any) -> Any:
     return xp.abs(W) * norms[:, None]
 
 
+@declare(Parameter("mask", "array", doc="Boolean ``(d_in, d_out)`` mask."), _DENSITY, _PATTERN,
+         Parameter("exact", "flag", doc="Whether the budget must be met exactly, not only not "
+                                        "exceeded."))
 def mask_satisfies(mask: Any, density: float | None, pattern: str | SparsityPattern, *,
                    exact: bool = True) -> bool:
     """True when the boolean ``mask`` meets ``pattern`` and keeps exactly its ``nnz_budget``.
@@ -276,9 +289,8 @@ def mask_satisfies(mask: Any, density: float | None, pattern: str | SparsityPatt
     """
     xp, _ = check.namespace(mask=mask)
     mask = check.boolean_mask(xp, mask, "mask")
-    exact = check.flag("exact", exact)
-    pattern = parse_pattern(pattern)
-    density = check.density(density, pattern)
+    exact, pattern, density = contract(mask_satisfies).validate(exact=exact, pattern=pattern,
+                                                                density=density).values()
     d_in, d_out = mask.shape
     _check_shape_fits(pattern, d_in)
     counts = xp.astype(mask, xp.int64)

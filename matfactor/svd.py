@@ -29,8 +29,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from . import _memory
 from . import _validation as check
 from ._array import random_normal
+from ._contract import Parameter, contract, declare
 from ._hessian import diagonal_scaling
 from .error import layer_error
 
@@ -43,6 +45,7 @@ __all__ = [
 ]
 
 
+@declare(Parameter("U", "array"), Parameter("V", "array"), Parameter("history", "object", optional=True))
 @dataclass(frozen=True, eq=False)
 class LowRank:
     """A rank-``r`` approximation ``Ŵ = U Vᵀ`` of a ``(d_in, d_out)`` weight.
@@ -131,6 +134,7 @@ def _fix_signs(xp: Any, U: Any, V: Any) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------- solvers
 
 
+@declare(Parameter("W", "array"), Parameter("rank", "rank"))
 def truncated_svd(W: Any, rank: int) -> LowRank:
     """Best rank-``r`` approximation ``C_r(W)`` in Frobenius norm, by a full SVD.
 
@@ -158,7 +162,7 @@ def truncated_svd(W: Any, rank: int) -> LowRank:
     :func:`randomized_svd` is much cheaper for ``r << min(d_in, d_out)``.
     """
     xp, _, W, _, w_exponent = check.layer_problem(W, None, needs_H=False, require_live=True)
-    rank = check.rank(rank, tuple(W.shape))
+    rank = contract(truncated_svd).validate({"shape": tuple(W.shape)}, rank=rank)["rank"]
     U, V = _truncated_svd(xp, W, rank)
     return LowRank(check.times_power_of_two(xp, U, w_exponent), V)
 
@@ -179,6 +183,9 @@ def _default_power_iters(rank: int, shape: tuple[int, int]) -> int:
     return 7 if rank < 0.1 * min(shape) else 4
 
 
+@declare(Parameter("W", "array"), Parameter("rank", "rank"),
+         Parameter("oversampling", "integer", minimum=0),
+         Parameter("power_iters", "integer", minimum=0, optional=True), Parameter("rng", "rng"))
 def randomized_svd(W: Any, rank: int, *, oversampling: int = 10, power_iters: int | None = None,
                    rng: Any = None) -> LowRank:
     """Approximate truncated SVD by the randomized range finder (Halko, Martinsson, Tropp 2011).
@@ -220,12 +227,11 @@ def randomized_svd(W: Any, rank: int, *, oversampling: int = 10, power_iters: in
         sign rule. Exact (to rounding) when ``rank(W) <= rank``.
     """
     xp, device, W, _, w_exponent = check.layer_problem(W, None, needs_H=False, require_live=True)
-    rank = check.rank(rank, tuple(W.shape))
-    oversampling = check.integer("oversampling", oversampling, minimum=0)
+    rank, oversampling, power_iters, rng = contract(randomized_svd).validate(
+        {"shape": tuple(W.shape)}, rank=rank, oversampling=oversampling, power_iters=power_iters,
+        rng=rng).values()
     if power_iters is None:
         power_iters = _default_power_iters(rank, tuple(W.shape))
-    power_iters = check.integer("power_iters", power_iters, minimum=0)
-    rng = check.rng(rng)
     U, V = _randomized_svd(xp, device, W, rank, oversampling, power_iters, rng)
     return LowRank(check.times_power_of_two(xp, U, w_exponent), V)
 
@@ -253,6 +259,8 @@ def _randomized_svd(xp: Any, device: Any, W: Any, rank: int, oversampling: int, 
     return _fix_signs(xp, left * sigma, right)
 
 
+@declare(Parameter("W", "array"), Parameter("H", "array"), Parameter("rank", "rank"),
+         Parameter("damping", "damping"))
 def weighted_lowrank(W: Any, H: Any, rank: int, *, damping: float = 0.0) -> LowRank:
     """Exact minimiser of ``tr((W − M)ᵀ H (W − M))`` over ``rank(M) <= r``, by whitening.
 
@@ -300,8 +308,8 @@ def weighted_lowrank(W: Any, H: Any, rank: int, *, damping: float = 0.0) -> LowR
     whitened weight and three GEMMs; the same order as :func:`truncated_svd` plus the ``eigh``.
     """
     xp, _, W, H, w_exponent = check.layer_problem(W, H, needs_H=True, require_live=True)
-    rank = check.rank(rank, tuple(W.shape))
-    damping = check.damping(damping)
+    rank, damping = contract(weighted_lowrank).validate({"shape": tuple(W.shape)}, rank=rank,
+                                                        damping=damping).values()
     U, V = _weighted_lowrank(xp, W, H, rank, damping)
     return LowRank(check.times_power_of_two(xp, U, w_exponent), V)
 
@@ -357,6 +365,8 @@ def _whitened_lowrank(xp: Any, W_n: Any, whitening: _Whitening, rank: int) -> tu
     return (projected if whitening.Q is None else whitening.Q @ projected), V
 
 
+@declare(Parameter("shape", "shape"),
+         Parameter("density", "real", minimum=0.0, maximum=1.0, low_open=True))
 def lowrank_rank_for_density(shape: tuple[int, int], density: float) -> int:
     """Largest rank ``r`` whose factors fit the budget: ``r (d_in + d_out) <= density d_in d_out``.
 
@@ -373,8 +383,8 @@ def lowrank_rank_for_density(shape: tuple[int, int], density: float) -> int:
         ``r >= 0``; 0 means not even a rank-1 factorization fits. Never above
         ``min(d_in, d_out)`` (at density 1 the largest fit is below it).
     """
-    d_in, d_out = check.shape(shape)
-    density = check.real("density", density, minimum=0.0, maximum=1.0, low_open=True)
+    (d_in, d_out), density = contract(lowrank_rank_for_density).validate(
+        shape=shape, density=density).values()
     budget = density * d_in * d_out
     rank = int(budget // (d_in + d_out))
     # Floor division of floats can land one off either way: settle it with exact comparisons.
@@ -383,3 +393,26 @@ def lowrank_rank_for_density(shape: tuple[int, int], density: float) -> int:
     while (rank + 1) * (d_in + d_out) <= budget:
         rank += 1
     return min(rank, d_in, d_out)
+
+
+# --------------------------------------------------------------------------- memory models
+
+
+@_memory.counts(truncated_svd)
+def _truncated_svd_memory(problem: _memory.Problem) -> _memory.SolveMemory:
+    """W scaled and the SVD of it, then U·σ, the sign fix of U and V (no H)."""
+    d_in, d_out, s = problem.d_in, problem.d_out, problem.itemsize
+    R = (d_in + d_out) * problem.rank * s
+    return _memory.SolveMemory(problem.M + _memory.svd_bytes(d_in, d_out, s) + 3 * R, R,
+                               _memory.svd_retained(d_in, d_out, s))
+
+
+@_memory.counts(weighted_lowrank)
+def _weighted_lowrank_memory(problem: _memory.Problem) -> _memory.SolveMemory:
+    """The front door's 3 Hh, then W and H scaled beside ``_weighted_lowrank``
+    (:func:`matfactor._memory.weighted_lowrank_bytes`; ``damping`` adds the damped copy)."""
+    d_in, d_out, s = problem.d_in, problem.d_out, problem.itemsize
+    work = _memory.weighted_lowrank_bytes(d_in, d_out, problem.rank, s,
+                                          bool(problem.options.get("damping", 0.0)))
+    return _memory.SolveMemory(max(3 * problem.Hh, work + problem.Hh + problem.M),
+                               (d_in + d_out) * problem.rank * s, _memory.svd_retained(d_in, d_out, s))

@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 from . import _validation as check
+from ._contract import Parameter, contract, declare
 
 __all__ = ["SylvesterSolver"]
 
@@ -91,6 +92,7 @@ class SylvesterSolver:
         """The eigenvalues of ``N`` (clipped at zero), increasing."""
         return check.times_power_of_two(self._xp, self._eigenvalues_N, self._n_exponent)
 
+    @declare(Parameter("C", "array"), Parameter("rho", "real", minimum=0.0))
     def solve(self, C: Any, rho: float) -> Any:
         """The ``A`` with ``M A N + ρ A = C`` (appendix A.1).
 
@@ -112,7 +114,7 @@ class SylvesterSolver:
         xp = self._xp
         check.namespace(M=self._Q, C=C)
         C = check.matrix(xp, C, "C", self.dtype, shape=self.shape)
-        rho = check.real("rho", rho, minimum=0.0)
+        rho = contract(SylvesterSolver.solve).validate(rho=rho)["rho"]
         if rho == 0 and self._singular:
             raise ValueError("the system M A N = C is singular (M or N is singular) and rho = 0; "
                              "pass rho > 0")

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import matfactor
 
-from . import memory
+from .memory import solver_work
 from .methods import Method, MethodCall, register_method
 
 
@@ -51,31 +51,31 @@ def _sparse_lowrank(call: MethodCall) -> Any:
                                          pattern=call.budget.pattern, rng=call.seed, **arguments)
 
 
+def _pruning(name: str, function: Callable[..., Any], summary: str) -> Method:
+    """A pruner as a method: density or n:m, its result the pruned weight itself."""
+    return Method(name, _pruner(function), "density", solver_work(function, dense=False),
+                  solvers=(function,), pattern=True, summary=summary)
+
+
 for _method in (
-    Method("magnitude", _pruner(matfactor.magnitude_prune), "density", memory.score_pruning_work,
-           solvers=(matfactor.magnitude_prune,), pattern=True, summary="largest |W| (data free)"),
-    Method("wanda", _pruner(matfactor.wanda_prune), "density", memory.score_pruning_work,
-           solvers=(matfactor.wanda_prune,), pattern=True, summary="largest |W|·‖x‖ (Wanda)"),
-    Method("sparsegpt", _pruner(matfactor.sparsegpt_prune), "density", memory.sparsegpt_work,
-           solvers=(matfactor.sparsegpt_prune,), pattern=True,
-           summary="OBS pruning with updates (SparseGPT)"),
-    Method("admm", _pruner(matfactor.admm_prune), "density", memory.admm_work,
-           solvers=(matfactor.admm_prune,), pattern=True,
-           summary="ADMM L0 least squares, gradual masks"),
-    Method("dsf", _dsf, "density", memory.dsf_work, solvers=(matfactor.double_sparse,),
+    _pruning("magnitude", matfactor.magnitude_prune, "largest |W| (data free)"),
+    _pruning("wanda", matfactor.wanda_prune, "largest |W|·‖x‖ (Wanda)"),
+    _pruning("sparsegpt", matfactor.sparsegpt_prune, "OBS pruning with updates (SparseGPT)"),
+    _pruning("admm", matfactor.admm_prune, "ADMM L0 least squares, gradual masks"),
+    Method("dsf", _dsf, "density", solver_work(matfactor.double_sparse), solvers=(matfactor.double_sparse,),
            summary="double sparse factorization W ≈ A B"),
-    Method("lowrank", _lowrank, "rank", memory.lowrank_work, statistics="none",
+    Method("lowrank", _lowrank, "rank", solver_work(matfactor.truncated_svd), statistics="none",
            rank_for_density=matfactor.lowrank_rank_for_density, summary="truncated SVD (data free)"),
-    Method("weighted_lowrank", _weighted_lowrank, "rank", memory.weighted_lowrank_work,
+    Method("weighted_lowrank", _weighted_lowrank, "rank", solver_work(matfactor.weighted_lowrank),
            solvers=(matfactor.weighted_lowrank,), rank_for_density=matfactor.lowrank_rank_for_density,
            summary="Hessian-weighted low rank"),
-    Method("pifa", _pifa, "rank", memory.pifa_work, solvers=(matfactor.weighted_lowrank,),
-           options=("rtol",), rank_for_density=matfactor.pifa_rank_for_density,
-           summary="weighted low rank stored as PIFA"),
-    Method("mpifa", _mpifa, "rank", memory.mpifa_work, solvers=(matfactor.mpifa,), statistics="streams",
-           rank_for_density=matfactor.pifa_rank_for_density, takes_mix=True,
+    Method("pifa", _pifa, "rank", solver_work(matfactor.weighted_lowrank, matfactor.pifa_from_factors),
+           solvers=(matfactor.weighted_lowrank,), options=("rtol",),
+           rank_for_density=matfactor.pifa_rank_for_density, summary="weighted low rank stored as PIFA"),
+    Method("mpifa", _mpifa, "rank", solver_work(matfactor.mpifa), solvers=(matfactor.mpifa,),
+           statistics="streams", rank_for_density=matfactor.pifa_rank_for_density, takes_mix=True,
            summary="MPIFA online reconstruction, PIFA storage"),
-    Method("sparse_lowrank", _sparse_lowrank, "total", memory.sparse_lowrank_work,
+    Method("sparse_lowrank", _sparse_lowrank, "total", solver_work(matfactor.sparse_plus_lowrank),
            solvers=(matfactor.sparse_plus_lowrank,), options=("rank_ratio",), pattern=True,
            summary="sparse plus low rank (HASSLE-free)"),
 ):

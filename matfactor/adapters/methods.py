@@ -167,8 +167,10 @@ class Method:
         (:mod:`matfactor.adapters.memory`) adds the inputs and the pipeline's own end of the
         solve.
     solvers
-        The functions whose keyword parameters a recipe may pass as ``arguments`` (the budget
-        names ``W``, ``H``, ``density``, ``rank``, ``pattern``, ... excepted).
+        The functions whose parameters a recipe may pass as ``arguments`` (the budget names
+        ``W``, ``H``, ``density``, ``rank``, ``pattern``, ... excepted): their declared
+        parameters (:func:`matfactor.contract`), or a signature's keyword parameters for a
+        function without a declaration.
     options
         Arguments of the method's own, beyond its solvers'.
     pattern
@@ -232,8 +234,11 @@ class Method:
         """Keyword arguments a recipe may pass to this method."""
         names = set(self.options)
         for function in self.solvers:
-            names.update(name for name, parameter in inspect.signature(function).parameters.items()
-                         if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD))
+            try:
+                names.update(matfactor.contract(function).parameters)
+            except TypeError:  # a solver from outside matfactor, without a declaration: its signature
+                names.update(name for name, parameter in inspect.signature(function).parameters.items()
+                             if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD))
         return frozenset(names - _BUDGET_NAMES)
 
 
