@@ -3,6 +3,8 @@ the direct normal-equation solution; the gradual pruner meets its pattern; warm 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -15,6 +17,7 @@ from matfactor import (
     admm_solve,
     layer_error,
     mask_satisfies,
+    nnz_budget,
     wanda_prune,
 )
 from matfactor.testing import realistic_layer
@@ -119,6 +122,51 @@ def test_warm_start_continues_the_iteration():
                           return_state=True)
     np.testing.assert_array_equal(resumed.mask, straight.mask)
     np.testing.assert_allclose(resumed.Z, straight.Z, rtol=1e-9, atol=1e-12)
+
+
+def reference_admm_prune(W, H, density, iters, gradual_iters, damping=0.1, rho=1.0):
+    """Eq. (1) of the DSF paper, section 3.1, written out in NumPy for an unstructured budget:
+    ``diag(H) = 1`` preconditioning, damping on that diagonal, cold start ``Ŵ = W, U = 0``, the
+    mask of step ``t < gradual_iters`` removing ``⌊(1 − (1 − (t+1)/g)³) P⌋`` of the ``P`` entries
+    the final mask removes (smallest ``|Ŵ + U|``), then fixed."""
+    scale = np.sqrt(np.diag(H))
+    H_n = H / np.outer(scale, scale) + damping * np.eye(len(H))
+    W_n = W * scale[:, None]
+    inverse, target = np.linalg.inv(H_n + rho * np.eye(len(H))), H_n @ W_n
+    size, keep = W.size, nnz_budget(W.shape, density, "unstructured")
+
+    def top(V, count):
+        mask = np.zeros(size, dtype=bool)
+        mask[np.argsort(-np.abs(V), axis=None)[:count]] = True
+        return mask.reshape(V.shape)
+
+    W_hat, U = W_n, np.zeros_like(W_n)
+    for t in range(iters + 1):
+        V = W_hat + U
+        if t < gradual_iters:
+            fraction = 1.0 - (1.0 - (t + 1) / gradual_iters) ** 3
+            mask = top(V, size - math.floor(fraction * (size - keep)))
+        elif t == 0:
+            mask = top(V, keep)
+        Z, U = np.where(mask, V, 0.0), np.where(mask, 0.0, V)
+        if t == iters:
+            return Z / scale[:, None], mask
+        W_hat = inverse @ (target + rho * (Z - U))
+
+
+@pytest.mark.parametrize("iters, gradual_iters", [(6, 4), (3, 3), (4, 0), (1, 1)])
+def test_admm_prune_is_equation_1_with_the_cubic_schedule(backend, iters, gradual_iters):
+    """Every iteration, every schedule step and the final Z-update, against a plain reference:
+    an iteration too many or too few, a schedule shifted by one step or a dropped update all
+    change the result far above rounding."""
+    problem = realistic_layer(16, 12, n_dead=0, seed=15)
+    expected, expected_mask = reference_admm_prune(problem.W, problem.H, 0.5, iters, gradual_iters)
+    state = admm_prune(backend.asarray(problem.W), backend.asarray(problem.H), density=0.5,
+                       iters=iters, gradual_iters=gradual_iters, return_state=True)
+    assert state.iterations == iters
+    np.testing.assert_array_equal(backend.to_numpy(state.mask), expected_mask)
+    np.testing.assert_allclose(backend.to_numpy(state.Z), expected, rtol=1e-9,
+                               atol=1e-12 * np.abs(expected).max())
 
 
 def test_gradual_selection_beats_a_fixed_initial_mask():

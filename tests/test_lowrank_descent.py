@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matfactor.lowrank_descent import hassle_free_learning_rate, lowrank_gd
+from matfactor.lowrank_descent import _adam_lowrank, _balance_columns, hassle_free_learning_rate, lowrank_gd
 from matfactor.svd import LowRank, truncated_svd, weighted_lowrank
-from matfactor.testing import realistic_layer
+from matfactor.testing import load_backend, realistic_layer
 from problems import eps, layer_problems
 
 
@@ -151,6 +151,29 @@ def test_target_invisible_to_H_gives_the_exact_zero_solution(backend):
 def test_learning_rate_schedule_of_algorithm_2():
     assert hassle_free_learning_rate(1) == pytest.approx(1e-2 / 11)
     assert hassle_free_learning_rate(10, base_lr=0.1) == pytest.approx(0.1 / 20)
+    assert hassle_free_learning_rate(0) == pytest.approx(1e-2 / 10)  # t = 0 is valid
+    with pytest.raises(ValueError, match="iteration must be an integer >= 0"):
+        hassle_free_learning_rate(-1)
+    for base_lr in (0.0, -1e-2):
+        with pytest.raises(ValueError, match="base_lr must be a real number > 0"):
+            hassle_free_learning_rate(1, base_lr=base_lr)
+
+
+def test_explicit_svd_init_is_the_default(backend):
+    problem = realistic_layer(12, 8, seed=50)
+    W, H = backend.asarray(problem.W), backend.asarray(problem.H)
+    default, explicit = lowrank_gd(W, H, 3, iters=5), lowrank_gd(W, H, 3, iters=5, init="svd")
+    np.testing.assert_array_equal(backend.to_numpy(default.U), backend.to_numpy(explicit.U))
+    np.testing.assert_array_equal(backend.to_numpy(default.V), backend.to_numpy(explicit.V))
+
+
+def test_init_from_another_library_is_named(backend):
+    """A LowRank ``init`` must come from ``W``'s library: a mixture is a TypeError naming both."""
+    other = load_backend("array_api_strict" if backend.name == "numpy" else "numpy")
+    problem = realistic_layer(12, 8, seed=51)
+    init = truncated_svd(other.asarray(problem.W), 2)
+    with pytest.raises(TypeError, match="W and init.U come from different array libraries"):
+        lowrank_gd(backend.asarray(problem.W), backend.asarray(problem.H), 2, init=init)
 
 
 def test_bad_input_is_named(backend):
@@ -177,3 +200,65 @@ def test_bad_input_is_named(backend):
     bad[0, 0] = np.inf
     with pytest.raises(ValueError, match="H contains NaN or Inf"):
         lowrank_gd(W, backend.asarray(bad), 2)
+
+
+def reference_adam(H, T, U, V, iters, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    """Adam (Kingma & Ba, 2015, Algorithm 1, bias-corrected) on ``f = tr(Dᵀ H D)``,
+    ``D = T − U Vᵀ``, written out in NumPy: the history of ``f / f(0, 0)`` and the best iterate."""
+    reference = np.sum(T * (H @ T))
+    moments = [np.zeros_like(U), np.zeros_like(U), np.zeros_like(V), np.zeros_like(V)]
+    history, best = [], (np.inf, U, V)
+    for k in range(iters + 1):
+        D = T - U @ V.T
+        history.append(np.sum(D * (H @ D)) / reference)
+        if history[-1] < best[0]:
+            best = (history[-1], U, V)
+        if k == iters:
+            break
+        grad_U, grad_V = -2 * H @ D @ V, -2 * (H @ D).T @ U
+        step = k + 1
+        new = []
+        for (m, v), (x, g) in zip([moments[:2], moments[2:]], [(U, grad_U), (V, grad_V)]):
+            m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+            m_hat, v_hat = m / (1 - beta1 ** step), v / (1 - beta2 ** step)
+            new.append((x - lr * m_hat / (np.sqrt(v_hat) + eps), m, v))
+        (U, m_U, v_U), (V, m_V, v_V) = new
+        moments = [m_U, v_U, m_V, v_V]
+    return np.asarray(history), best[1], best[2]
+
+
+@pytest.mark.parametrize("check_every", [1, 4, 100])
+def test_adam_engine_is_bias_corrected_adam(backend, check_every):
+    """The engine's every step against Adam written out: a wrong moment, bias correction, step
+    count, gradient or a spurious restart changes the history far above rounding."""
+    rng = np.random.default_rng(52)
+    X = rng.standard_normal((40, 10)) * np.linspace(0.2, 2.0, 10)
+    H, T = X.T @ X, rng.standard_normal((10, 7))
+    U0, V0 = 0.3 * rng.standard_normal((10, 3)), 0.3 * rng.standard_normal((7, 3))
+    expected, U_best, V_best = reference_adam(H, T, U0, V0, iters=12, lr=0.05)
+    assert np.all(np.diff(expected) < 0)  # a descent at this step size: no restart expected
+    xp = backend.xp
+    H_b, T_b = backend.asarray(H), backend.asarray(T)
+    HT = H_b @ T_b
+    U, V, history = _adam_lowrank(xp, H_b, HT, xp.sum(T_b * HT), backend.asarray(U0),
+                                  backend.asarray(V0), iters=12, lr=0.05, check_every=check_every)
+    np.testing.assert_allclose(history, expected, rtol=1e-10)
+    np.testing.assert_allclose(backend.to_numpy(U), U_best, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(V), V_best, rtol=1e-9, atol=1e-12)
+
+
+def test_balance_columns_equalises_each_pair_and_keeps_the_product(backend):
+    U = np.array([[3.0, 0.02, 0.0, 1.0], [4.0, 0.0, 0.0, 2.0]])
+    V = np.array([[0.5, 0.1, 1.0, 0.0], [0.0, 0.3, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    U_b, V_b = (backend.to_numpy(x) for x in _balance_columns(backend.xp, backend.asarray(U),
+                                                               backend.asarray(V)))
+    np.testing.assert_allclose(U_b @ V_b.T, U @ V.T, rtol=1e-14, atol=1e-15)
+    # Pairs 0 and 1 (norms far above and below 1) are balanced column by column ...
+    np.testing.assert_allclose(np.linalg.norm(U_b[:, :2], axis=0), np.linalg.norm(V_b[:, :2], axis=0),
+                               rtol=1e-14)
+    np.testing.assert_allclose(np.linalg.norm(U_b[:, :2], axis=0) ** 2,
+                               np.linalg.norm(U[:, :2], axis=0) * np.linalg.norm(V[:, :2], axis=0),
+                               rtol=1e-14)
+    # ... and pairs with a zero column are left as they are.
+    np.testing.assert_array_equal(U_b[:, 2:], U[:, 2:])
+    np.testing.assert_array_equal(V_b[:, 2:], V[:, 2:])

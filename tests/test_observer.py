@@ -43,31 +43,10 @@ class Recording(PipelineObserver):
         self.events.append(event)
         self.threads.add(threading.get_ident())
 
-    def run_started(self, plan, blocks, layers, resumed):
-        self._record("run_started", plan, blocks, layers, resumed)
-
-    def block_started(self, index, name):
-        self._record("block_started", index, name)
-
-    def layers_calibrated(self, layers):
-        self._record("layers_calibrated", layers)
-
-    def layer_resumed(self, report):
-        self._record("layer_resumed", report)
-
     def layer_solved(self, report, solution):
         self._record("layer_solved", report, solution)
         if self.fail_after_solves is not None and len(self.named("layer_solved")) == self.fail_after_solves:
             raise KeyboardInterrupt  # as a user's Ctrl-C would, mid-run
-
-    def block_finished(self, index, name):
-        self._record("block_finished", index, name)
-
-    def run_finished(self, report):
-        self._record("run_finished", report)
-
-    def run_failed(self, error):
-        self._record("run_failed", error)
 
     def named(self, kind):
         return [event for event in self.events if event[0] == kind]
@@ -86,6 +65,17 @@ class Recording(PipelineObserver):
             else:
                 lines.append((kind,))
         return lines
+
+
+def _recorder(event):
+    def record(self, *args):
+        self._record(event, *args)
+    return record
+
+
+for _event in ("run_started", "block_started", "layers_calibrated", "layer_resumed", "block_finished",
+               "run_finished", "run_failed"):
+    setattr(Recording, _event, _recorder(_event))
 
 
 def expected_sequential(done=()):

@@ -244,6 +244,32 @@ def test_rank_deficient_input_is_rejected_naming_the_rank(backend, dtype_name):
     assert pifa_from_dense(W, 7, rtol=0.0).rank == 7
 
 
+@pytest.mark.parametrize("rtol", [None, 1e-6])
+def test_rank_test_is_the_pivot_ratio_against_rtol(backend, rtol):
+    """The rank test is ``|R_rr| / |R_11| > rtol``, relative to the largest pivot, with the
+    documented default ``rtol = 10·√max(m, n)·eps``: two orthogonal columns of norms ``c`` and
+    ``c·δ`` pass just above ``rtol`` and fail just below it."""
+    m, n = 64, 2
+    threshold = 10 * np.sqrt(m) * np.finfo(np.float64).eps if rtol is None else rtol
+    Q = np.linalg.qr(np.random.default_rng(9).standard_normal((m, n)))[0]
+    for factor, passes in ((1.05, True), (0.9, False)):
+        W = backend.asarray(Q * [3.0, 3.0 * factor * threshold], "float64")
+        if passes:
+            assert pifa_from_dense(W, 2, rtol=rtol).rank == 2
+        else:
+            with pytest.raises(ValueError, match="rank=2 exceeds the numerical rank of W"):
+                pifa_from_dense(W, 2, rtol=rtol)
+    # pifa_from_factors applies the same test to U Vᵀ, with the rtol it is given.
+    U, V = Q * [3.0, 3.0 * 1e-3], np.linalg.qr(np.random.default_rng(10).standard_normal((5, 2)))[0]
+    U, V = backend.asarray(U, "float64"), backend.asarray(V, "float64")
+    assert pifa_from_factors(U, V, rtol=1e-4).rank == 2
+    with pytest.raises(ValueError, match="rank=2 exceeds the numerical rank of U @ V.T"):
+        pifa_from_factors(U, V, rtol=1e-2)
+    # rtol = 0 still rejects an exactly singular pivot block.
+    with pytest.raises(ValueError, match="rank=2 exceeds the numerical rank of W"):
+        pifa_from_dense(backend.asarray(Q * [3.0, 0.0], "float64"), 2, rtol=0.0)
+
+
 # --------------------------------------------------------------------------- budget
 
 

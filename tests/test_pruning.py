@@ -12,6 +12,7 @@ from matfactor import (
     admm_prune,
     layer_error,
     magnitude_prune,
+    mask_satisfies,
     nnz_budget,
     sparsegpt_prune,
     wanda_prune,
@@ -155,6 +156,42 @@ def test_sparsegpt_recovers_exactly_sparse_weights():
     for prune in (sparsegpt_prune, admm_prune):
         result = prune(W, problem.H, density=0.5)
         assert layer_error(W, result, problem.H) < 1e-12
+
+
+@pytest.mark.parametrize("block_size", [128, 3])
+def test_sparsegpt_is_exact_when_every_pruned_input_precedes_the_kept_one(backend, block_size):
+    """Optimal brain surgeon, input after input, is exact least squares on what remains.
+
+    Keeping only the last input of every output (per_output, one of eight, that input made the
+    largest), every removal comes before it and is compensated on everything still free: the
+    result must be the least-squares weight on that one input, ``(H_λ W)_last / (H_λ)_last,last``
+    with SparseGPT's damped ``H_λ = H + λ·mean(diag H)·I``. A compensation that is skipped (for
+    the last pair of a block, or across blocks) or mis-scaled misses it.
+    """
+    problem = realistic_layer(8, 5, n_dead=0, seed=3)
+    W = problem.W.copy()
+    W[-1] *= 100.0  # the last input wins every column
+    damping = 0.01
+    H_damped = problem.H + damping * np.mean(np.diag(problem.H)) * np.eye(8)
+    expected = np.zeros_like(W)
+    expected[-1] = (H_damped @ W)[-1] / H_damped[-1, -1]
+    result = backend.to_numpy(sparsegpt_prune(backend.asarray(W), backend.asarray(problem.H),
+                                              density=1 / 8, pattern="per_output",
+                                              damping=damping, block_size=block_size))
+    np.testing.assert_array_equal(result[:-1], 0.0)
+    np.testing.assert_allclose(result[-1], expected[-1], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 6, 7])
+def test_sparsegpt_n_m_blocks_are_whole_groups(block_size):
+    """For n:m the lazy-update block is rounded down to a multiple of m (at least m): a block
+    that cut a group would choose its n from part of it and break the pattern. Lazy updates are
+    exact re-associations, so every such block size gives the same result."""
+    problem = realistic_layer(24, 10, n_dead=0, seed=18)
+    reference = sparsegpt_prune(problem.W, problem.H, pattern="2:4", block_size=4)
+    result = sparsegpt_prune(problem.W, problem.H, pattern="2:4", block_size=block_size)
+    assert mask_satisfies(result != 0, None, "2:4")
+    np.testing.assert_allclose(result, reference, rtol=1e-10, atol=1e-12 * np.abs(reference).max())
 
 
 @pytest.mark.parametrize("name", ["sparsegpt", "admm"])

@@ -312,3 +312,37 @@ def test_statistics_of_any_magnitude_accumulate_exactly(dtype_name):
         np.testing.assert_array_equal(result.V, expected.V)
         if exponent == -20:
             np.testing.assert_array_equal(statistics.H, reference.H * scale * scale)
+
+
+def test_weight_init_is_the_whitened_svd_of_w(backend, dtype_name):
+    """Step 2 with ``init="weight"`` (the default) is SVD-LLM's truncation-aware whitening of
+    ``W`` under ``H``: with no sweep after it, ``mpifa_lowrank`` returns exactly that."""
+    W, X_o, X_u = two_streams(40, 32, 150, 0.3, seed=8)
+    statistics = accumulate(backend, X_o, X_u, dtype_name, 50)
+    W_b = backend.asarray(W, dtype_name)
+    start = backend.to_numpy(weighted_lowrank(W_b, statistics.H, 6).dense())
+    for init in ("weight", None):
+        options = {} if init is None else {"init": init}
+        result = backend.to_numpy(mpifa_lowrank(W_b, statistics, 6, iters=0, **options).dense())
+        np.testing.assert_allclose(result, start, rtol=0,
+                                   atol=1e2 * eps(dtype_name) * np.abs(start).max())
+    target = mpifa_lowrank(W_b, statistics, 6, iters=0, init="target")
+    assert tuple(target.U.shape) == (40, 6) and tuple(target.V.shape) == (32, 6)
+    target = backend.to_numpy(target.dense())
+    assert np.linalg.matrix_rank(target) == 6
+    assert np.abs(target - start).max() > 1e3 * eps(dtype_name) * np.abs(start).max()
+
+
+def test_statistics_without_signal_are_an_error_and_one_live_input_is_not(backend):
+    """``H = 0`` (every calibration input zero) is an error; one live input of any scale is a
+    valid rank-1 problem."""
+    rng = np.random.default_rng(10)
+    W = backend.asarray(rng.standard_normal((6, 5)))
+    zero = accumulate(backend, np.zeros((20, 6)), np.zeros((20, 6)), "float64", 10)
+    with pytest.raises(ValueError, match="statistics.H is zero"):
+        mpifa_lowrank(W, zero, 1)
+    X = np.zeros((16, 6))
+    X[:, 2] = 0.25  # H = e₂e₂ᵀ: a power of two, which the scaling of the statistics keeps exact
+    one = accumulate(backend, X, X, "float64", 8)
+    for init in ("weight", "target"):
+        assert mpifa_lowrank(W, one, 1, init=init).rank == 1

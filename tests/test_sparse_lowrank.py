@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from problems import eps, layer_problems
 
 import matfactor.sparse_lowrank as sparse_lowrank_module
-from matfactor.pruning import wanda_prune
+from matfactor.pruning import magnitude_prune, wanda_prune
 from matfactor.sparse_lowrank import (
     SparsePlusLowRank,
     sparse_lowrank_budget,
@@ -220,6 +220,21 @@ def test_a_callable_pruner_is_called_once_per_iteration_and_checked(backend):
         return W
     with pytest.raises(ValueError, match="pruner returned a weight outside pattern '2:4'"):
         sparse_plus_lowrank(W, H, 2, pattern="2:4", pruner=dense_pruner, iters=2)
+
+
+def test_a_callable_pruner_receives_the_density_and_its_options(backend):
+    """A user pruner gets the problem's density and pattern and every ``pruner_options`` entry."""
+    problem = realistic_layer(32, 24, seed=8)
+    W, H = backend.asarray(problem.W, "float64"), backend.asarray(problem.H, "float64")
+    seen = []
+
+    def my_magnitude(W, H, *, density=None, pattern="unstructured", scale=1.0):
+        seen.append((density, pattern, scale))
+        return magnitude_prune(W, density=density, pattern=pattern)
+
+    sparse_plus_lowrank(W, H, 2, density=0.4, pruner=my_magnitude, lowrank="exact", iters=2,
+                        pruner_options={"scale": 3.0})
+    assert seen == [(0.4, "unstructured", 3.0)] * 2
 
 
 def test_random_start_is_reproducible(backend):

@@ -100,9 +100,10 @@ def test_masks_meet_pattern_and_budget_exactly(backend, d_groups, d_out, pattern
             assert s[m].min() >= s[~m].max()
 
 
-def test_density_that_keeps_nothing():
+@pytest.mark.parametrize("pattern", ["unstructured", "per_output"])
+def test_density_that_keeps_nothing(pattern):
     with pytest.raises(ValueError, match="keeps no entry"):
-        mask_from_scores(np.ones((4, 4)), 0.1, "per_output")
+        mask_from_scores(np.ones((4, 4)), 0.05 if pattern == "unstructured" else 0.1, pattern)
 
 
 def test_mask_satisfies_validates_its_input():
@@ -147,6 +148,13 @@ def test_cubic_schedule_is_monotone_and_ends_at_one():
     values = [_cubic_schedule(t, 15) for t in range(1, 16)]
     assert all(a < b for a, b in zip(values, values[1:]))
     assert values[-1] == 1.0 and values[0] > 0
+    # Cubic (Zhu & Gupta, 2018), not any monotone curve: what is left to prune after step t of
+    # T is (1 - t/T)³ of it, and the schedule stays at 1 past the end.
+    for steps in (2, 4, 15):
+        for step in range(1, steps + 1):
+            remaining = 1.0 - _cubic_schedule(step, steps)
+            assert math.isclose(remaining, (1.0 - step / steps) ** 3, rel_tol=1e-12, abs_tol=1e-15)
+    assert _cubic_schedule(20, 15) == 1.0
 
 
 def test_scores(backend):

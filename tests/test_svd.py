@@ -151,6 +151,17 @@ def test_randomized_svd_signs_agree_with_the_exact_svd(backend, dtype_name):
                                    atol=tol)
 
 
+def test_randomized_svd_sketches_the_same_side_of_w_and_its_transpose(backend, dtype_name):
+    """The range finder always sketches the tall orientation, so for one seed the approximation
+    of ``Wᵀ`` is the transpose of that of ``W`` (to rounding), though neither is exact here."""
+    W64 = realistic_layer(24, 40, seed=26).W  # wide: d_in < d_out
+    W = backend.asarray(W64, dtype_name)
+    wide = as_float64(backend, randomized_svd(W, 3, power_iters=0, rng=5).dense())
+    tall = as_float64(backend, randomized_svd(backend.asarray(W64.T, dtype_name), 3,
+                                              power_iters=0, rng=5).dense())
+    np.testing.assert_allclose(tall, wide.T, rtol=0, atol=1e3 * eps(dtype_name) * np.abs(W64).max())
+
+
 def test_randomized_svd_with_full_width_sketch_equals_truncated_svd():
     W = realistic_layer(24, 20, seed=25).W
     sketched = randomized_svd(W, 4, oversampling=100, power_iters=0, rng=0)  # width capped at 20

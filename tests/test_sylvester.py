@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from matfactor.sylvester import SylvesterSolver
-from matfactor.testing import realistic_layer
+from matfactor.testing import load_backend, realistic_layer
 
 
 def psd(rng: np.random.Generator, n: int, rank: int | None = None, spread: float = 1e3) -> np.ndarray:
@@ -83,3 +83,11 @@ def test_bad_input_is_named(backend):
     with pytest.raises(ValueError, match="singular"):
         singular.solve(backend.asarray(np.ones((3, 2))), 0.0)
     assert np.all(np.isfinite(backend.to_numpy(singular.solve(backend.asarray(np.ones((3, 2))), 1.0))))
+
+
+def test_right_hand_side_from_another_library_is_named(backend):
+    """``C`` must come from the library of ``M`` and ``N``: a mixture is a TypeError naming both."""
+    other = load_backend("array_api_strict" if backend.name == "numpy" else "numpy")
+    solver = SylvesterSolver(backend.asarray(np.eye(3)), backend.asarray(np.eye(2)))
+    with pytest.raises(TypeError, match="M and C come from different array libraries"):
+        solver.solve(other.asarray(np.ones((3, 2))), 1.0)

@@ -61,10 +61,12 @@ from .memory import (
     MemoryPlan,
     PlannedSolve,
     available_memory,
+    end_of_solve_bytes,
     error_bytes,
     format_bytes,
     memory_plan,
     solve_bytes,
+    solver_work,
 )
 from .methods import (
     BUDGETS,
@@ -192,6 +194,7 @@ __all__ = [
     "default_model_dir",
     "discard_run",
     "embedding_fidelity",
+    "end_of_solve_bytes",
     "error_bytes",
     "export_dense",
     "find_blocks",
@@ -226,6 +229,7 @@ __all__ = [
     "smollm2_file",
     "solve_bytes",
     "solve_layer",
+    "solver_work",
     "text_batches",
     "token_stream",
     "usable_cpus",

@@ -407,20 +407,25 @@ def _quantized_note(source: Any) -> str:
 def _compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     import torch
 
-    from matfactor.adapters import compress_model, compression_plan, load_compressed, save_compressed
-    from matfactor.adapters.causal_lm import calibration_windows, check_seq_len, token_stream
-    from matfactor.adapters.executors import open_pool
-    from matfactor.adapters.journal import discard_run
-    from matfactor.adapters.text import (
+    from matfactor.adapters import (
+        calibration_windows,
+        check_seq_len,
+        compress_model,
+        compression_plan,
+        discard_run,
         embedding_fidelity,
+        load_compressed,
         load_config,
         load_text_model,
         load_tokenizer,
         model_kind,
+        open_pool,
         pydoc_texts,
         read_texts,
         resolve_model,
+        save_compressed,
         text_batches,
+        token_stream,
     )
 
     # every input that is cheap to check is checked before the model's weights load

@@ -54,7 +54,7 @@ import sys
 import time
 from concurrent.futures import BrokenExecutor, Executor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -226,33 +226,18 @@ class _Observers(PipelineObserver):
     def __init__(self, observers: list[PipelineObserver]) -> None:
         self._observers = observers
 
-    def _tell(self, event: str, *args: Any) -> None:
+
+def _broadcast(event: str) -> Callable[..., None]:
+    def tell(self: _Observers, *args: Any) -> None:
         for observer in self._observers:
             getattr(observer, event)(*args)
+    tell.__name__ = event
+    return tell
 
-    def run_started(self, *args: Any) -> None:
-        self._tell("run_started", *args)
 
-    def block_started(self, *args: Any) -> None:
-        self._tell("block_started", *args)
-
-    def layers_calibrated(self, *args: Any) -> None:
-        self._tell("layers_calibrated", *args)
-
-    def layer_resumed(self, *args: Any) -> None:
-        self._tell("layer_resumed", *args)
-
-    def layer_solved(self, *args: Any) -> None:
-        self._tell("layer_solved", *args)
-
-    def block_finished(self, *args: Any) -> None:
-        self._tell("block_finished", *args)
-
-    def run_finished(self, *args: Any) -> None:
-        self._tell("run_finished", *args)
-
-    def run_failed(self, *args: Any) -> None:
-        self._tell("run_failed", *args)
+for _event in ("run_started", "block_started", "layers_calibrated", "layer_resumed", "layer_solved",
+               "block_finished", "run_finished", "run_failed"):
+    setattr(_Observers, _event, _broadcast(_event))
 
 
 class _ProgressBars(PipelineObserver):
@@ -570,13 +555,14 @@ def _layer_task(model: nn.Module, hooks: CalibrationHooks, targets: dict[str, tu
     statistics = hooks.statistics(name) if name in hooks.streams else None
     arguments = dict(rule.arguments)
     target = W
-    if METHODS[rule.method].needs_streams:
+    method = METHODS[rule.method]
+    if method.takes_mix:  # the method corrects the error accumulation itself (MPIFA)
         arguments.setdefault("mix", solves.mix)
     elif statistics is not None and solves.mix > 0:
         # error-accumulation correction for every method (PIFA section 4, eq. 7): approximate
         # the weight whose output on the compressed stream best matches the mixed target
         target = statistics.target_weight(W, solves.mix)
-    if not METHODS[rule.method].needs_streams:
+    if not method.needs_streams:
         statistics = None
     if solves.executor is not None:  # workers get CPU tensors and move them to the solve device
         cpu = torch.device("cpu")
