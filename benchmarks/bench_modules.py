@@ -10,17 +10,18 @@ PIFA (:func:`matfactor.pifa_rank_for_density`, a multiple of 8); OATS's default 
 plus low rank (:func:`matfactor.sparse_lowrank_budget`, 30% of the kept values in the low-rank
 part).
 
-``track_param_bytes_ratio`` is the bytes the module holds in memory (parameters and buffers,
-sparse parts dense with their zeros) over those of the dense layer: the in-memory forms trade
-memory for the speed of dense kernels, while checkpoints store sparse parts packed
-(:mod:`matfactor.adapters.checkpoint`). ``track_speedup_over_dense`` is measured in one process
+``track_param_bytes_ratio`` is the bytes the module holds in memory (parameters and buffers:
+a sparse part's kept values and its one-byte mask) over those of the dense layer; checkpoints
+pack the masks to bits (:mod:`matfactor.adapters.checkpoint`). ``track_speedup_over_dense`` is measured in one process
 with :func:`benchmarks.common.median_seconds`.
 
 Measured (shared 2-core CPU, one thread, forward time relative to dense at d = 1024 / 4096):
 sparse 1.0 / 0.9, double sparse 2.1 / 2.0 (two dense ``d x d`` GEMMs), low rank 0.49 / 0.41,
 PIFA 0.53 / 0.51 (the same FLOPs as low rank at this density, plus the gather, for a rank of
 296 / 1192 instead of 256 / 1024), sparse plus low rank 1.2 / 1.2. Memory held relative to
-dense: sparse 1.0, double sparse 2.0, low rank and PIFA 0.50, sparse plus low rank 1.15.
+dense, sparse parts held dense with their zeros then: sparse 1.0, double sparse 2.0, low rank
+and PIFA 0.50, sparse plus low rank 1.15; held as kept values and masks (now): sparse 0.75,
+double sparse 1.0, sparse plus low rank 0.75 (the times not re-measured since).
 """
 
 from __future__ import annotations

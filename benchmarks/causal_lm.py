@@ -59,18 +59,24 @@ CONFIGS = {
     "pifa-0.7": ("pifa", {"density": 0.7}),
     "mpifa-0.5": ("mpifa", {"density": 0.5}),
     "mpifa-0.7": ("mpifa", {"density": 0.7}),
+    # block refinement after the solves (matfactor.adapters.refinement): one Adam step is one
+    # calibration batch of 8 windows through one block
+    "sparsegpt-0.5+refine-32": ("sparsegpt", {"density": 0.5, "refine": {"steps": 32, "lr": 1e-2}}),
+    "dsf-0.5+refine-32": ("dsf", {"density": 0.5, "refine": {"steps": 32, "lr": 1e-2}}),
 }
 
 
 def measure(name: str, windows: int, seq_len: int, eval_windows: int, arguments: dict) -> dict:
     """Compress (unless ``name`` is ``"dense"``) and evaluate in this process; the record."""
     import torch
-    from matfactor.adapters import Recipe, compress_model
+    from matfactor.adapters import Recipe, Refinement, compress_model
     from matfactor.adapters.causal_lm import calibration_windows, perplexity
     from matfactor.adapters.text import load_text_model, pydoc_texts
 
     torch.set_num_threads(1)
     method, options = CONFIGS[name]
+    refine = options.get("refine")
+    options = {key: value for key, value in options.items() if key != "refine"}
     model, tokenizer = load_text_model("smollm2")
     record = {"config": name, "method": method, **options}
     if method is not None:
@@ -78,11 +84,13 @@ def measure(name: str, windows: int, seq_len: int, eval_windows: int, arguments:
         calibration = calibration_windows(tokenizer, pydoc_texts("calibration"), n_windows=windows,
                                           seq_len=seq_len, seed=0, model=model)
         start = time.perf_counter()
-        report = compress_model(model, calibration, Recipe.single(method, **options, **method_arguments),
-                                progress=False)
+        recipe = Recipe(Recipe.single(method, **options, **method_arguments).rules,
+                        refine=None if refine is None else Refinement(**refine))
+        report = compress_model(model, calibration, recipe, progress=False)
         record.update(seconds=time.perf_counter() - start, arguments=method_arguments,
                       kept=report.params_after / report.params_before, layers=len(report.layers),
-                      mean_layer_error=sum(layer.rel_error for layer in report.layers) / len(report.layers))
+                      mean_layer_error=sum(layer.rel_error for layer in report.layers) / len(report.layers),
+                      refine=refine, refine_seconds=sum(r.seconds for r in report.refinements))
     result = perplexity(model, tokenizer, pydoc_texts("heldout"), seq_len=seq_len, max_windows=eval_windows)
     record.update(perplexity=result.value, eval_windows=result.n_windows, seq_len=seq_len,
                   calibration_windows=windows, threads=1,

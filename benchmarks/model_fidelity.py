@@ -33,13 +33,13 @@ MODES = ("sequential", "one-shot")
 
 
 def _key(record: dict) -> tuple:
-    return record["method"], record["density"], record["mode"]
+    return record["method"], record["density"], record["mode"], record.get("refine_steps", 0)
 
 
 def run(out: Path, methods: list[str], samples: int, threads: int, arguments: dict,
-        densities: list[float], modes: list[str]) -> None:
+        densities: list[float], modes: list[str], refine: dict | None = None) -> None:
     import torch
-    from matfactor.adapters import Recipe, compress_model
+    from matfactor.adapters import Recipe, Refinement, compress_model
     from matfactor.adapters.text import embedding_fidelity, load_text_model, pydoc_texts, text_batches
 
     torch.set_num_threads(threads)
@@ -52,11 +52,13 @@ def run(out: Path, methods: list[str], samples: int, threads: int, arguments: di
     for method in methods:
         for density in densities:
             for mode in modes:
-                if (method, density, mode) in done:
+                steps = 0 if refine is None else refine["steps"]
+                if (method, density, mode, steps) in done:
                     continue
                 model, _ = load_text_model()
                 start = time.perf_counter()
-                recipe = Recipe.single(method, density=density, **arguments)
+                recipe = Recipe(Recipe.single(method, density=density, **arguments).rules,
+                                refine=None if refine is None else Refinement(**refine))
                 report = compress_model(model, calibration, recipe, sequential=mode == "sequential",
                                         progress=False)
                 seconds = time.perf_counter() - start
@@ -68,6 +70,8 @@ def run(out: Path, methods: list[str], samples: int, threads: int, arguments: di
                           "mean_layer_error": sum(layer.rel_error for layer in report.layers)
                           / len(report.layers), "seconds": seconds, "threads": threads,
                           "calibration_texts": samples, "arguments": arguments,
+                          "refine_steps": steps, "refine": refine,
+                          "refine_seconds": sum(r.seconds for r in report.refinements),
                           "machine": platform.machine(),
                           "processor": platform.processor() or "unknown"}
                 with out.open("a") as handle:
@@ -75,18 +79,25 @@ def run(out: Path, methods: list[str], samples: int, threads: int, arguments: di
                 print(json.dumps(record), flush=True)
 
 
-def table(out: Path) -> str:
-    """The results as a Markdown table: mean cosine (sequential / one-shot) per method and density."""
+def table(out: Path, refine_steps: int | None = None) -> str:
+    """The results as a Markdown table: mean cosine (sequential / one-shot) per method and
+    density, and with ``refine_steps``, sequential with that refinement and the time it added."""
     records = {_key(record): record for record in map(json.loads, out.read_text().splitlines())}
-    lines = ["| method | " + " | ".join(f"{d} {mode}" for d in DENSITIES for mode in MODES) + " |",
-             "|---|" + "---|" * len(DENSITIES) * len(MODES)]
+    columns = [(d, mode, 0) for d in DENSITIES for mode in MODES]
+    if refine_steps:
+        columns += [(d, "sequential", refine_steps) for d in DENSITIES]
+    lines = ["| method | " + " | ".join(f"{d} {mode}" + (f" + refine {steps}" if steps else "")
+                                      for d, mode, steps in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for method in METHODS:
         cells = []
-        for density in DENSITIES:
-            for mode in MODES:
-                record = records.get((method, density, mode))
-                cells.append("–" if record is None else
-                             f"{record['mean_cosine']:.4f} ({record['neighbour_agreement']:.0%})")
+        for density, mode, steps in columns:
+            record = records.get((method, density, mode, steps))
+            cell = "–" if record is None else \
+                f"{record['mean_cosine']:.4f} ({record['neighbour_agreement']:.0%})"
+            if record is not None and steps:
+                cell += f", +{record['refine_seconds']:.0f} s"
+            cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -102,13 +113,22 @@ def main() -> None:
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES),
                         help="densities to run (default: 0.5 0.3, the table's)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--refine-steps", type=int, default=0,
+                        help="block refinement steps (default 0: none); with --table, the refined "
+                             "columns to show")
+    parser.add_argument("--refine-lr", type=float, help="refinement learning rate (default: the "
+                                                        "Refinement default)")
     parser.add_argument("--table", action="store_true", help="print the table of the results file")
     args = parser.parse_args()
     if args.table:
-        print(table(args.out))
+        print(table(args.out, args.refine_steps))
     else:
+        refine = None
+        if args.refine_steps:
+            refine = {"steps": args.refine_steps, **({"lr": args.refine_lr} if args.refine_lr else {})}
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        run(args.out, args.methods, args.samples, args.threads, args.arguments, args.densities, args.modes)
+        run(args.out, args.methods, args.samples, args.threads, args.arguments, args.densities, args.modes,
+            refine)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ from .modules import (
     SparseConv2d,
     SparseLinear,
     SparseLowRankLinear,
+    SparseParameter,
     UnfoldedConv2d,
     compressed_module,
     module_kinds,
@@ -109,6 +110,7 @@ from .pipeline import (
 )
 from .problems import LINEAR_NAMES, calibration_texts, real_layer_problem
 from .recipe import Recipe, Rule
+from .refinement import Refinement, RefinementReport, refine_block, stored_parameters
 from .text import (
     BUILTIN_MODELS,
     MODEL_KINDS,
@@ -169,6 +171,8 @@ __all__ = [
     "RUN_NAME",
     "RayExecutor",
     "Recipe",
+    "Refinement",
+    "RefinementReport",
     "Rule",
     "RunJournal",
     "RunMismatchError",
@@ -177,6 +181,7 @@ __all__ = [
     "SparseConv2d",
     "SparseLinear",
     "SparseLowRankLinear",
+    "SparseParameter",
     "UnfoldedConv2d",
     "WEIGHTS_NAME",
     "available_memory",
@@ -217,6 +222,7 @@ __all__ = [
     "ray_executor",
     "read_texts",
     "real_layer_problem",
+    "refine_block",
     "register_method",
     "register_module",
     "replace_module",
@@ -230,6 +236,7 @@ __all__ = [
     "solve_bytes",
     "solve_layer",
     "solver_work",
+    "stored_parameters",
     "text_batches",
     "token_stream",
     "usable_cpus",

@@ -231,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--mix", type=_fraction(zero_allowed=True), default=0.5,
                           help="error-accumulation correction in sequential mode, in [0, 1] "
                                "(default 0.5; 0: plain sequential calibration)")
+    compress.add_argument("--refine-steps", type=_positive_int, metavar="N",
+                          help="block refinement: after each block's layers are solved, N Adam steps "
+                               "on its stored values (one calibration batch each) so that its "
+                               "outputs match the dense model's (default: none)")
+    compress.add_argument("--refine-lr", type=float, metavar="LR",
+                          help="peak learning rate of the refinement, relative to each tensor's "
+                               "scale (default 0.01, cosine decay)")
+    compress.add_argument("--refine-loss", choices=("mse", "cosine"),
+                          help="refinement loss: relative squared error of the block outputs "
+                               "(mse, default) or 1 - cosine per token")
     compress.add_argument("--device", type=_device, help="device of the blocks and solves "
                                                          "(default: cpu)")
     compress.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -319,20 +329,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
-    from matfactor.adapters import Recipe
+    from matfactor.adapters import Recipe, Refinement
 
+    refine_flags = {"steps": args.refine_steps, "lr": args.refine_lr, "loss": args.refine_loss}
     if args.recipe is not None:
         given = [flag for flag, value in (("--method", args.method), ("--density", args.density),
-                                          ("--rank", args.rank), ("--pattern", args.pattern))
+                                          ("--rank", args.rank), ("--pattern", args.pattern),
+                                          ("--refine-steps", args.refine_steps),
+                                          ("--refine-lr", args.refine_lr),
+                                          ("--refine-loss", args.refine_loss))
                  if value is not None]
         if given:
             parser.error(f"--recipe cannot be combined with {', '.join(given)}: put them in the recipe")
         return Recipe.from_file(args.recipe)
+    refine = None
+    if any(value is not None for value in refine_flags.values()):
+        if args.refine_steps is None:
+            parser.error("--refine-lr and --refine-loss need --refine-steps")
+        try:
+            refine = Refinement(**{key: value for key, value in refine_flags.items() if value is not None})
+        except ValueError as problem:
+            parser.error(f"--refine-{str(problem).split()[0]}: {problem}")
     density = args.density
     pattern = args.pattern or "unstructured"
     if density is None and args.rank is None and ":" not in pattern:
         density = 0.5
-    return Recipe.single(args.method or "dsf", density=density, rank=args.rank, pattern=pattern)
+    single = Recipe.single(args.method or "dsf", density=density, rank=args.rank, pattern=pattern)
+    return Recipe(single.rules, single.ignore, refine)
 
 
 def _held_out(args: argparse.Namespace) -> list[str]:

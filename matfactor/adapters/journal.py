@@ -5,9 +5,13 @@ A :class:`RunJournal` keeps, in a directory (the ``matfactor`` command uses its 
     run.json                       what the run is: model, calibration, recipe and options
     layers/<layer name>.safetensors   one finished layer: its compressed module's tensors
     layers/<layer name>.json          its manifest entry, the file's sha256 and its report
+    blocks/<block name>.safetensors   a refined block: the refined modules of its layers
+    blocks/<block name>.json          their manifest entries, the file's sha256, the reports
 
 :func:`~matfactor.adapters.compress_model` records each layer the moment its solve returns, and
-a layer counts as finished only once its entry exists. Every file is written to a temporary name,
+a layer counts as finished only once its entry exists; with block refinement, each block's
+refined layers are recorded together once it is refined, and a resumed run takes those (and
+does not refine the block again). Every file is written to a temporary name,
 flushed to disk and renamed over the final name (``os.replace`` is atomic), the entry after the
 tensors it vouches for. So a run killed at any point (``kill -9``, a lost machine, a lost worker)
 leaves finished layers, each complete and verified by its sha256, and nothing else that counts.
@@ -47,6 +51,7 @@ __all__ = ["RUN_NAME", "RunJournal", "RunMismatchError", "discard_run", "finishe
 
 RUN_NAME = "run.json"
 _LAYERS = "layers"
+_BLOCKS = "blocks"
 _JOURNAL_FORMAT = "matfactor-run"
 
 
@@ -140,6 +145,7 @@ class RunJournal:
                  restart: bool = False) -> None:
         self.directory = Path(directory)
         self.layers = self.directory / _LAYERS
+        self.blocks = self.directory / _BLOCKS
         record = {"format": _JOURNAL_FORMAT, **identity}
         run_path = self.directory / RUN_NAME
         if run_path.is_file() and not restart:
@@ -157,14 +163,40 @@ class RunJournal:
                     "its layers; the command's --restart) or use another directory")
         elif restart or not run_path.is_file():
             shutil.rmtree(self.layers, ignore_errors=True)
-        self.layers.mkdir(parents=True, exist_ok=True)
-        for leftover in self.layers.glob(".*.tmp"):  # a write a killed run did not finish
-            leftover.unlink(missing_ok=True)
+            shutil.rmtree(self.blocks, ignore_errors=True)
+        for folder in (self.layers, self.blocks):
+            folder.mkdir(parents=True, exist_ok=True)
+            for leftover in folder.glob(".*.tmp"):  # a write a killed run did not finish
+                leftover.unlink(missing_ok=True)
         text = json.dumps(record, indent=1, sort_keys=True)
         write_atomically(run_path, lambda target: target.write_text(text, encoding="utf-8"))
 
     def _paths(self, name: str) -> tuple[Path, Path]:
         return self.layers / f"{name}.safetensors", self.layers / f"{name}.json"
+
+    def _read(self, tensors_path: Path, entry_path: Path, what: str) -> tuple[dict[str, Any],
+                                                                              dict[str, torch.Tensor]]:
+        """A record and its tensors, checked against the record's sha256."""
+        try:
+            record = json.loads(entry_path.read_text(encoding="utf-8"))
+            if not tensors_path.is_file() or sha256(tensors_path) != record["sha256"]:
+                raise CheckpointError(f"{tensors_path} is missing or damaged (its sha256 differs "
+                                      f"from {entry_path.name}'s)")
+            files = load_file(str(tensors_path))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+                SafetensorError) as error:
+            raise CheckpointError(f"{what} in {entry_path.parent} is unreadable "
+                                  f"({type(error).__name__}: {error}); restart the run") from error
+        except CheckpointError as error:
+            raise CheckpointError(f"{what}: {error}; restart the run") from error
+        return record, files
+
+    def _write(self, tensors_path: Path, entry_path: Path, files: dict[str, torch.Tensor],
+               record: dict[str, Any]) -> None:
+        """The tensors, then the record that vouches for them (with their sha256)."""
+        write_atomically(tensors_path, lambda target: save_file(files, str(target)))
+        text = json.dumps({**record, "sha256": sha256(tensors_path)}, indent=1, allow_nan=False)
+        write_atomically(entry_path, lambda target: target.write_text(text, encoding="utf-8"))
 
     def finished(self, name: str) -> tuple[CompressedModule, dict[str, Any]] | None:
         """Layer ``name``'s compressed module and its report if it is finished, else ``None``.
@@ -178,19 +210,42 @@ class RunJournal:
         tensors_path, entry_path = self._paths(name)
         if not entry_path.is_file():
             return None
-        try:
-            record = json.loads(entry_path.read_text(encoding="utf-8"))
-            if not tensors_path.is_file() or sha256(tensors_path) != record["sha256"]:
-                raise CheckpointError(f"{tensors_path} is missing or damaged (its sha256 differs "
-                                      f"from {entry_path.name}'s)")
-            files = load_file(str(tensors_path))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
-                SafetensorError) as error:
-            raise CheckpointError(f"finished layer {name!r} in {self.layers} is unreadable "
-                                  f"({type(error).__name__}: {error}); restart the run") from error
-        except CheckpointError as error:
-            raise CheckpointError(f"finished layer {name!r}: {error}; restart the run") from error
+        record, files = self._read(tensors_path, entry_path, f"finished layer {name!r}")
         return module_from_files(name, record["entry"], files), record["report"]
+
+    def refined_block(self, block: str) -> tuple[dict[str, CompressedModule], dict[str, Any]] | None:
+        """Block ``block``'s refined layers (by name) and its refinement report, if the block
+        was refined, else ``None``.
+
+        Raises
+        ------
+        CheckpointError
+            Its record exists but its tensors are missing or damaged.
+        """
+        tensors_path, entry_path = self.blocks / f"{block}.safetensors", self.blocks / f"{block}.json"
+        if not entry_path.is_file():
+            return None
+        record, files = self._read(tensors_path, entry_path, f"refined block {block!r}")
+        try:
+            modules = {name: module_from_files(name, entry, {key: tensor for key, tensor in files.items()
+                                                             if key.startswith(f"{name}.")})
+                       for name, entry in record["entries"].items()}
+            return modules, record["refinement"]
+        except (KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"refined block {block!r}: malformed record ({error}); restart "
+                                  "the run") from error
+
+    def record_block(self, block: str, modules: dict[str, CompressedModule],
+                     refinement: dict[str, Any]) -> dict[str, CompressedModule]:
+        """Write block ``block``'s refined layers ``modules`` and its refinement report (one
+        tensors file, then the record) and return the modules rebuilt from what was written."""
+        entries, files, rebuilt = {}, {}, {}
+        for name, module in modules.items():
+            entries[name], module_files, rebuilt[name] = packed_module(name, module)
+            files.update(module_files)
+        self._write(self.blocks / f"{block}.safetensors", self.blocks / f"{block}.json", files,
+                    {"entries": entries, "refinement": refinement})
+        return rebuilt
 
     def finished_count(self, names: list[str]) -> int:
         """How many of the layers ``names`` are finished (have their entry)."""
@@ -209,11 +264,7 @@ class RunJournal:
         """Write the finished layer ``name`` (tensors, then its entry) and return the module
         rebuilt from what was written (what a resumed run will load)."""
         entry, files, rebuilt = packed_module(name, module)
-        tensors_path, entry_path = self._paths(name)
-        write_atomically(tensors_path, lambda target: save_file(files, str(target)))
-        text = json.dumps({"entry": entry, "sha256": sha256(tensors_path), "report": report},
-                          indent=1, allow_nan=False)
-        write_atomically(entry_path, lambda target: target.write_text(text, encoding="utf-8"))
+        self._write(*self._paths(name), files, {"entry": entry, "report": report})
         return rebuilt
 
 
@@ -227,4 +278,5 @@ def discard_run(directory: str | os.PathLike[str]) -> None:
     once its checkpoint is saved; nothing else there is touched."""
     directory = Path(directory)
     shutil.rmtree(directory / _LAYERS, ignore_errors=True)
+    shutil.rmtree(directory / _BLOCKS, ignore_errors=True)
     (directory / RUN_NAME).unlink(missing_ok=True)

@@ -12,15 +12,22 @@ the ``(d_in, d_out)`` matrix of a solver's result, never formed by the factored 
 - :class:`SparseConv2d` (an ``nn.Conv2d``): its weight with zeros; nn.Conv2d's forward.
 - :class:`UnfoldedConv2d`: one of the linear modules above, applied to the unfolded input.
 
-Sparse parts are held as dense tensors with zeros: on a CPU, PyTorch's CSR and COO products do
-not beat the dense GEMM at 50% density, so the savings are in storage
-(:mod:`matfactor.adapters.checkpoint` packs them) rather than in the forward pass.
+A sparse part is held as what is kept (the DSF paper's appendix A.5): a 1-D parameter of its
+kept values and a boolean buffer of where they are (:class:`SparseParameter`); reading the
+attribute (``module.weight``, ``module.A``) gives the dense matrix with its zeros, made from the
+two. So the stored values are the parameters: ``module.requires_grad_()`` (or
+``model.requires_grad_()``) makes exactly them trainable, with the dense factors and the bias,
+and whatever an optimiser does (momentum, weight decay, a preconditioner mixing the entries of
+a matrix), under autocast, gradient accumulation or gradient checkpointing, a zero never becomes
+nonzero and a pattern or a budget never breaks. On a CPU, PyTorch's CSR and COO products do not
+beat the dense GEMM at 50% density, so each forward pass computes with the dense matrix it
+makes (one scatter, cheap next to the product); :mod:`matfactor.adapters.checkpoint` stores the
+values and a bitmask.
 
-Parameters are ``nn.Parameter`` with ``requires_grad=False``: the modules are for inference
-and the solvers' zeros are not protected against an optimiser. Gradients still flow to the
-input, and ``module.requires_grad_()`` enables fine-tuning, at the price of filling the zeros
-unless the caller masks the gradients. The modules run in any floating dtype and on any device
-(``module.to(...)`` as usual; the pivot indices stay ``int64``), with or without autograd.
+Parameters are ``nn.Parameter`` with ``requires_grad=False`` (the modules are built for
+inference; gradients still flow to the input). The modules run in any floating dtype and on any
+device (``module.to(...)`` as usual; the masks stay ``bool`` and the pivot indices ``int64``),
+with or without autograd.
 
 Every module is a :class:`CompressedModule`: it has ``compression`` (a JSON-able dict with at
 least ``"method"`` and ``"arguments"``, as the caller gave it), :meth:`~CompressedModule.dense_weight`
@@ -64,6 +71,7 @@ __all__ = [
     "SparseConv2d",
     "SparseLinear",
     "SparseLowRankLinear",
+    "SparseParameter",
     "UnfoldedConv2d",
     "compressed_module",
     "module_kinds",
@@ -98,6 +106,56 @@ def _check_matrices(owner: str, matrices: dict[str, Any]) -> None:
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
     """A parameter holding ``tensor`` (no copy when it is contiguous), without gradient."""
     return nn.Parameter(tensor.contiguous(), requires_grad=False)
+
+
+class SparseParameter:
+    """A sparse matrix attribute of a compressed module, held as its kept values and their mask.
+
+    A module class declares ``weight = SparseParameter()`` (or ``A``, ``B``) and stores a matrix
+    with :meth:`hold`; the module then has ``<name>_values``, a 1-D ``nn.Parameter`` of the
+    nonzeros in row-major order, and ``<name>_mask``, a boolean buffer of the matrix's shape
+    that marks them (the DSF paper, appendix A.5: kept values as parameters, masks unpacked per
+    forward pass). Reading ``module.<name>`` gives the dense matrix, zeros included, made by one
+    ``masked_scatter`` (with autograd history when the values require grad).
+
+    An optimiser only ever sees the values: the support, an ``n:m`` pattern and the number of
+    stored values are those the solver produced, whatever the optimiser, schedule, autocast or
+    accumulation. A value that training makes exactly zero stays stored (and counted) in the
+    module; a checkpoint keeps the nonzeros.
+    """
+
+    name: str
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, module: nn.Module | None, owner: type | None = None) -> Any:
+        if module is None:
+            return self
+        values = module._parameters.get(f"{self.name}_values")
+        mask = module._buffers.get(f"{self.name}_mask")
+        if values is None or mask is None:
+            # not held yet: nn.Linear's and nn.Conv2d's constructors register a placeholder
+            # "weight" parameter, which nn.Module.__getattr__ finds after this AttributeError
+            raise AttributeError(f"{type(module).__name__}.{self.name} is not set")
+        return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+    def __set__(self, module: nn.Module, value: Any) -> None:
+        raise AttributeError(f"{type(module).__name__}.{self.name} is made from "
+                             f"{self.name}_values and {self.name}_mask: change the values "
+                             f"(module.{self.name}_values), the support is fixed")
+
+    def hold(self, module: nn.Module, matrix: torch.Tensor) -> None:
+        """Store ``matrix`` in ``module``: its nonzeros as the (frozen) values, its support as
+        the mask."""
+        module._parameters.pop(self.name, None)  # a base class's placeholder
+        mask = matrix != 0
+        module.register_parameter(f"{self.name}_values", _frozen(matrix[mask]))
+        module.register_buffer(f"{self.name}_mask", mask)
+
+    def count(self, module: nn.Module) -> int:
+        """The number of values ``module`` stores for this matrix."""
+        return module._parameters[f"{self.name}_values"].numel()
 
 
 def _bias(owner: str, bias: Any, d_out: int, like: torch.Tensor) -> nn.Parameter | None:
@@ -287,13 +345,13 @@ class _PrunedWeight:
     """What the pruned layers (an nn.Linear or nn.Conv2d whose ``weight`` holds the zeros) add
     to their torch base class."""
 
-    weight: nn.Parameter
+    weight = SparseParameter()
     pattern: str | None
     density: float | None
 
     @property
     def n_params(self) -> int:
-        return int(torch.count_nonzero(self.weight))
+        return _PrunedWeight.weight.count(self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, pattern={self.pattern!r}, density={self.density}"
@@ -345,13 +403,13 @@ class SparseLinear(_PrunedWeight, nn.Linear, CompressedLinear):
         _check_matrices(type(self).__name__, {"W": W})
         d_in, d_out = W.shape
         super().__init__(d_in, d_out, bias=bias is not None, device="meta", dtype=W.dtype)
-        self.weight = _frozen(W.T)
+        SparseLinear.weight.hold(self, W.T)
         self.register_parameter("bias", _bias(type(self).__name__, bias, d_out, W))
         self.pattern, self.density = _sparsity(type(self).__name__, "W", W, pattern, density)
         self.compression = _compression(compression)
 
     def dense_weight(self) -> torch.Tensor:
-        """``Ŵ = weightᵀ``, a view of the weight."""
+        """``Ŵ = weightᵀ``."""
         return self.weight.detach().T
 
 
@@ -362,7 +420,8 @@ class DoubleSparseLinear(CompressedLinear):
     Parameters
     ----------
     A, B
-        ``(d_in, k)`` and ``(k, d_out)`` factors, stored with their zeros.
+        ``(d_in, k)`` and ``(k, d_out)`` factors, held as their kept values and masks
+        (:class:`SparseParameter`).
     bias
         ``(d_out,)`` or ``None``.
     density
@@ -375,6 +434,8 @@ class DoubleSparseLinear(CompressedLinear):
     kind = "double_sparse_linear"
     result_type = DoubleSparse
     packed = ("A", "B")
+    A = SparseParameter()
+    B = SparseParameter()
     _repr_fields = ("k", "density")
 
     @classmethod
@@ -398,7 +459,8 @@ class DoubleSparseLinear(CompressedLinear):
             raise ValueError(f"{owner}: A {tuple(A.shape)} and B {tuple(B.shape)} must be "
                              "(d_in, k) and (k, d_out)")
         self.in_features, self.out_features = int(A.shape[0]), int(B.shape[1])
-        self.A, self.B = _frozen(A), _frozen(B)
+        DoubleSparseLinear.A.hold(self, A)
+        DoubleSparseLinear.B.hold(self, B)
         self.register_parameter("bias", _bias(owner, bias, self.out_features, A))
         if density is not None:
             shape = (self.in_features, self.out_features)
@@ -422,7 +484,7 @@ class DoubleSparseLinear(CompressedLinear):
 
     @property
     def n_params(self) -> int:
-        return int(torch.count_nonzero(self.A)) + int(torch.count_nonzero(self.B))
+        return DoubleSparseLinear.A.count(self) + DoubleSparseLinear.B.count(self)
 
 
 class LowRankLinear(CompressedLinear):
@@ -596,6 +658,7 @@ class SparseLowRankLinear(CompressedLinear):
     result_type = SparsePlusLowRank
     packed = ("weight",)
     stored = ("U", "V")
+    weight = SparseParameter()
     _repr_fields = ("rank", "pattern", "density")
 
     @classmethod
@@ -620,7 +683,7 @@ class SparseLowRankLinear(CompressedLinear):
             raise ValueError(f"{owner}: S {tuple(S.shape)}, U {tuple(U.shape)} and V {tuple(V.shape)} "
                              "must be (d_in, d_out), (d_in, r) and (d_out, r)")
         self.in_features, self.out_features = int(S.shape[0]), int(S.shape[1])
-        self.weight = _frozen(S.T)
+        SparseLowRankLinear.weight.hold(self, S.T)
         self.U, self.V = _frozen(U), _frozen(V)
         self.register_parameter("bias", _bias(owner, bias, self.out_features, S))
         self.pattern, self.density = _sparsity(owner, "S", S, pattern, density)
@@ -639,8 +702,8 @@ class SparseLowRankLinear(CompressedLinear):
 
     @property
     def n_params(self) -> int:
-        return int(torch.count_nonzero(self.weight)) + self.rank * (self.in_features
-                                                                    + self.out_features)
+        return SparseLowRankLinear.weight.count(self) + self.rank * (self.in_features
+                                                                     + self.out_features)
 
 
 # --------------------------------------------------------------------------- convolutions
@@ -687,13 +750,13 @@ class SparseConv2d(_PrunedWeight, nn.Conv2d, CompressedConv2d):
                          padding=_conv_geometry(owner, "padding", padding, 0),
                          dilation=_conv_geometry(owner, "dilation", dilation, 1),
                          bias=bias is not None, device="meta", dtype=weight.dtype)
-        self.weight = _frozen(weight)
+        SparseConv2d.weight.hold(self, weight)
         self.register_parameter("bias", _bias(owner, bias, c_out, weight))
         self.pattern, self.density = _sparsity(owner, "weight", W, pattern, density)
         self.compression = _compression(compression)
 
     def dense_weight(self) -> torch.Tensor:
-        """``Ŵ``, a view of the weight."""
+        """``Ŵ``, the weight as a ``(in_channels·kh·kw, out_channels)`` matrix."""
         return self.weight.detach().reshape(self.out_channels, -1).T
 
 

@@ -19,6 +19,13 @@ mode:
    ``offload=True`` while the block runs on ``device``.
 4. **One-shot mode** (``sequential=False``), for comparison: every ``H`` comes from one pass of
    the dense model, and all layers are then compressed.
+5. **Block refinement** (a recipe's ``refine``, :mod:`~matfactor.adapters.refinement`): once a
+   block's layers are solved, its stored values are optimised so that the block, fed its
+   inputs (the compressed predecessors' outputs; in one-shot mode the dense model's), gives the
+   dense model's outputs of that block; in sequential mode the refined block then produces the
+   next block's inputs. It runs in this process, on ``device``, and needs the dense stream
+   (the dense model's inputs and outputs of each block, carried through a dense copy of the
+   block as for ``mix``).
 
 MPIFA needs the inputs of each layer in both the dense and the compressed model: with an
 ``mpifa`` rule, sequential mode carries a second stream of block inputs through the dense
@@ -62,14 +69,15 @@ from torch import nn
 from matfactor import _validation as check
 
 from .calibration import CalibrationHooks, LayersObserved
-from ._storage import packed_module
+from ._storage import CheckpointError, packed_module
 from .executors import LayerTask, run_task
 from .journal import RunJournal, finished_layers, run_identity
 from .layers import is_compressible, weight_matrix
 from .memory import MemoryPlan, PlannedSolve, memory_plan
 from .methods import METHODS, LayerSolution
-from .modules import compressed_module, replace_module
+from .modules import UnfoldedConv2d, compressed_module, replace_module
 from .recipe import Recipe, Rule
+from .refinement import Refinement, RefinementReport, refine_block
 
 __all__ = ["CompressionReport", "LayerReport", "PipelineObserver", "compress_model", "compression_plan",
            "find_blocks"]
@@ -109,6 +117,7 @@ class CompressionReport:
     notes: list[str] = field(default_factory=list)
     plan: MemoryPlan | None = None
     resumed: int = 0                # layers taken from the journal of an interrupted run
+    refinements: list[RefinementReport] = field(default_factory=list)   # one per refined block
 
     @property
     def params_before(self) -> int:
@@ -135,6 +144,14 @@ class CompressionReport:
                      f"calibration batches): parameters {before:,} -> {after:,} "
                      f"({after / max(before, 1):.3f}); whole model {self.model_params_before:,} -> "
                      f"{self.model_params_after:,}; {self.seconds:.1f} s")
+        if self.refinements:
+            kept = [r for r in self.refinements if r.kept]
+            before = sum(r.loss_before for r in self.refinements) / len(self.refinements)
+            after = sum(r.loss_after for r in self.refinements) / len(self.refinements)
+            lines.append(f"block refinement: {self.refinements[0].steps} steps on each of "
+                         f"{len(self.refinements)} blocks ({len(kept)} kept), mean block loss "
+                         f"{before:.5f} -> {after:.5f}, "
+                         f"{sum(r.seconds for r in self.refinements):.1f} s")
         if self.resumed:
             lines.append(f"{self.resumed} of these layers were finished by an earlier, interrupted run")
         lines.extend(self.notes)
@@ -157,10 +174,12 @@ class PipelineObserver:
         block_started                      for each block, in order
             layers_calibrated              for each group of layers calibrated together
                 layer_resumed/layer_solved for each layer of the group, as each is done
+            block_refined                  with a recipe's ``refine``
         block_finished
         run_finished, or run_failed
 
-    A one-shot run has no block events, and one ``layers_calibrated`` with every layer.
+    A one-shot run has no block events but ``block_refined``, and one ``layers_calibrated`` with
+    every layer.
     """
 
     def run_started(self, plan: MemoryPlan, blocks: tuple[str, ...], layers: tuple[str, ...],
@@ -210,6 +229,10 @@ class PipelineObserver:
             when a worker solved it.
         """
 
+    def block_refined(self, index: int, name: str, report: RefinementReport) -> None:
+        """Block ``blocks[index]``, named ``name``, was refined (or taken refined from the
+        journal of an earlier run); ``report`` says how its loss changed."""
+
     def block_finished(self, index: int, name: str) -> None:
         """Block ``blocks[index]`` is compressed and its outputs are the next block's inputs."""
 
@@ -236,7 +259,7 @@ def _broadcast(event: str) -> Callable[..., None]:
 
 
 for _event in ("run_started", "block_started", "layers_calibrated", "layer_resumed", "layer_solved",
-               "block_finished", "run_finished", "run_failed"):
+               "block_refined", "block_finished", "run_finished", "run_failed"):
     setattr(_Observers, _event, _broadcast(_event))
 
 
@@ -271,6 +294,10 @@ class _ProgressBars(PipelineObserver):
     def layer_solved(self, report: LayerReport, solution: LayerSolution) -> None:
         self._layers.update(1)
         self._layers.set_postfix_str(f"{report.name}: error {report.rel_error:.4f}")
+
+    def block_refined(self, index: int, name: str, report: RefinementReport) -> None:
+        self._layers.set_postfix_str(f"{name}: refined, block loss {report.loss_before:.4f} -> "
+                                     f"{report.loss_after:.4f}")
 
     def block_finished(self, index: int, name: str) -> None:
         self._blocks.update(1)
@@ -520,6 +547,7 @@ class _Solves:
     seed: int
     journal: RunJournal | None
     observer: PipelineObserver
+    refine: Refinement | None = None
 
     def run(self, tasks: list[LayerTask]) -> Iterator[tuple[LayerTask, LayerSolution]]:
         """Solve ``tasks``, yielding each with its solution as it completes."""
@@ -604,7 +632,7 @@ def _solve_and_replace(model: nn.Module, hooks: CalibrationHooks,
 
 def _like(module: nn.Module, layer: nn.Module) -> nn.Module:
     """``module`` on ``layer``'s device and in its training mode."""
-    return module.to(layer.weight.device).train(layer.training)
+    return module.to(next(layer.parameters()).device).train(layer.training)
 
 
 def _install(model: nn.Module, task: LayerTask, solution: LayerSolution, block: int | None,
@@ -763,7 +791,11 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
     block_names = [name for name, _ in block_list]
     streams = frozenset(name for name, (rule, _) in targets.items()
                         if METHODS[rule.method].needs_streams or (sequential and mix > 0))
-    resident = _resident_bytes(model, block_list, device, sequential, bool(streams))
+    if recipe.refine is not None and not block_list:
+        raise ValueError("the recipe's refine needs the model's blocks (blocks='auto' found none): "
+                         "give blocks=[...] or drop refine")
+    resident = _resident_bytes(model, block_list, device, sequential, bool(streams),
+                               recipe.refine is not None)
     if plan is None:
         plan = memory_plan(model, targets, device=device, concurrent=1 if executor is None else None,
                            memory_limit=memory_limit, resident=resident)
@@ -784,15 +816,16 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
     resumed = 0 if journal is None else journal.finished_count(list(targets))
     bars = [_ProgressBars(None if journal is None else journal.directory)] if progress else []
     observers = _Observers(bars + ([] if observer is None else [observer]))
-    solves = _Solves(executor, threads, device, mix, seed, journal, observers)
+    solves = _Solves(executor, threads, device, mix, seed, journal, observers, recipe.refine)
     try:
         observers.run_started(plan, tuple(block_names) if sequential else (), tuple(targets), resumed)
         with torch.no_grad():
             if sequential:
-                reports = _sequential(model, block_list, batches, targets, streams, storage,
-                                      gram_dtype, granularity, solves)
+                reports, refinements = _sequential(model, block_list, batches, targets, streams,
+                                                   storage, gram_dtype, granularity, solves)
             else:
-                reports = _one_shot(model, batches, targets, streams, gram_dtype, solves)
+                reports, refinements = _one_shot(model, block_list, batches, targets, streams, storage,
+                                                 gram_dtype, solves)
     except BaseException as error:
         if journal is not None:
             journal.discard_if_empty()
@@ -802,7 +835,7 @@ def compress_model(model: nn.Module, calibration: Iterable[Any], recipe: Recipe,
         model.train(was_training)
     report = CompressionReport(reports, "sequential" if sequential else "one-shot", len(block_list),
                                len(batches), time.perf_counter() - start, params_before, plan=plan,
-                               resumed=resumed)
+                               resumed=resumed, refinements=refinements)
     report.model_params_after = params_before - report.params_before + report.params_after
     starved = [layer.name for layer in reports if layer.n_samples < layer.shape[0]]
     if starved:
@@ -891,26 +924,32 @@ def compression_plan(model: nn.Module, recipe: Recipe, *, blocks: str | list[nn.
     device = _solve_device(model, device)
     dense_stream = any(METHODS[rule.method].needs_streams or (sequential and mix > 0)
                        for rule, _ in targets.values())
+    resident = _resident_bytes(model, block_list, device, sequential, dense_stream, recipe.refine is not None)
     return memory_plan(model, targets, device=device, concurrent=concurrent, memory_limit=memory_limit,
-                       resident=_resident_bytes(model, block_list, device, sequential, dense_stream))
+                       resident=resident)
 
 
 def _resident_bytes(model: nn.Module, blocks: list[tuple[str, nn.Module]], device: torch.device,
-                    sequential: bool, dense_stream: bool) -> int:
-    """Bytes the sequential pipeline holds on ``device`` besides the solves.
+                    sequential: bool, dense_stream: bool, refine: bool) -> int:
+    """Bytes the pipeline holds on ``device`` besides the solves.
 
     Each block is moved to ``device`` while it is processed (the sequential onloading of
     llm-compressor: a model larger than the device goes through one block at a time), so the
     largest block counts once when some of the model's weights live elsewhere; the dense copy of
-    the block that carries the dense stream counts once more. Already-resident weights are not
-    counted: they are not part of what the device has available.
+    the block that carries the dense stream (``mix``, MPIFA, refinement) counts once more. Block
+    refinement adds, at most, a gradient and Adam's two moments per stored value: three times
+    the largest block, bounded by its dense size (the activations of one batch's backward pass
+    are not counted, as no forward pass's are). Already-resident weights are not counted: they
+    are not part of what the device has available.
     """
-    if not sequential or not blocks:
+    if not blocks or not (sequential or refine):
         return 0
     largest = max(sum(t.numel() * t.element_size() for t in (*block.parameters(), *block.buffers()))
                   for _, block in blocks)
+    if not sequential:  # one-shot: only the refinement, on the blocks where they are
+        return 3 * largest
     moved = not all(_same_device(p.device, device) for p in model.parameters())
-    return largest * (int(moved) + int(dense_stream))
+    return largest * (int(moved) + int(dense_stream or refine) + 3 * int(refine))
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -939,12 +978,16 @@ def _named_blocks(model: nn.Module, blocks: Any) -> list[tuple[str, nn.Module]]:
 
 def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list[Any],
                 targets: dict[str, tuple[Rule, int | None]], streams: frozenset[str],
-                storage: Any, gram_dtype: str, granularity: str, solves: _Solves) -> list[LayerReport]:
+                storage: Any, gram_dtype: str, granularity: str, solves: _Solves,
+                ) -> tuple[list[LayerReport], list[RefinementReport]]:
     device = solves.device
     inputs = _capture_first_inputs(model, blocks, batches, storage)
+    # the dense model's stream of block inputs: for MPIFA and mix, and the refinement's targets
+    dense_stream = bool(streams) or solves.refine is not None
     for item in inputs:
-        item.dense_hidden = item.args[0] if streams else None
+        item.dense_hidden = item.args[0] if dense_stream else None
     reports: list[LayerReport] = []
+    refinements: list[RefinementReport] = []
     # The groups of a block, by the block's class and its target layers' names within it: the
     # repeated blocks of a model share them, so that only the first block of each kind needs the
     # full pass that finds them (the other blocks' passes stop at each group).
@@ -954,8 +997,16 @@ def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: 
         home = next(block.parameters(), torch.empty(0)).device
         block.to(device)
         remaining = [name for name, (_, block_index) in targets.items() if block_index == index]
-        # MPIFA's dense stream runs through a dense copy of the block while it is compressed
-        dense_block = copy.deepcopy(block) if streams else None
+        block_layers = list(remaining)
+        # the dense stream runs through a dense copy of the block while it is compressed
+        dense_block = copy.deepcopy(block) if dense_stream else None
+        refined = _refined_from_journal(model, block_name, block_layers, solves)
+        if refined is not None:
+            reports += _resumed_reports(block_layers, solves)
+            refinements.append(refined)
+            solves.observer.block_refined(index, block_name, refined)
+            remaining = []
+            block = model.get_submodule(block_name)
         kind = (type(block), tuple(_relative(name, block_name) for name in remaining))
         plan: list[list[str]] | None = None
         if granularity == "layer" and kind in known_plans:
@@ -992,14 +1043,81 @@ def _sequential(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: 
             reports += _solve_and_replace(model, hooks, targets, group, solves)
             remaining = [name for name in remaining if name not in group]
             block = model.get_submodule(block_name)  # the block itself may have been replaced
-        for item in inputs:
-            if dense_block is not None:
+        if dense_block is not None:
+            for item in inputs:
                 item.dense_hidden = item.call(dense_block, device, item.dense_hidden).to(storage)
+        dense_block = None  # freed before the next block is copied
+        if solves.refine is not None and refined is None:
+            refinements.append(_refine(model, index, block_name, block_layers, inputs,
+                                       [item.dense_hidden for item in inputs], device, solves))
+            block = model.get_submodule(block_name)
+        for item in inputs:
             output = item.call(block, device).to(storage)   # the compressed block feeds the next
             item.args = (output,) + tuple(item.args[1:])
-        dense_block = None  # freed before the next block is copied
         block.to(home)
         solves.observer.block_finished(index, block_name)
+    return reports, refinements
+
+
+def _refine(model: nn.Module, index: int, block_name: str, layers: list[str], inputs: list[_BlockInputs],
+            targets: list[torch.Tensor], device: Any, solves: _Solves,
+            hidden: list[torch.Tensor] | None = None) -> RefinementReport:
+    """Refine block ``block_name`` (:func:`~matfactor.adapters.refinement.refine_block`) on
+    ``inputs`` (with ``hidden`` as their hidden states, if given) towards ``targets``, and put
+    its refined ``layers`` through their stored form, recorded in the journal if there is one
+    (so that the model continues as a resumed run's would)."""
+    block = model.get_submodule(block_name)
+
+    def run(batch: int) -> torch.Tensor:
+        return inputs[batch].call(block, device, None if hidden is None else hidden[batch])
+
+    report = refine_block(block, run, targets, [item.token_mask for item in inputs], solves.refine,
+                          name=block_name, seed=solves.seed + index)
+    modules = {name: model.get_submodule(name) for name in layers}
+    for module in modules.values():  # its compression record says how it was refined
+        inner = module.linear if isinstance(module, UnfoldedConv2d) else module
+        inner.compression = {**inner.compression, "refine": {**solves.refine.to_dict(), "kept": report.kept}}
+    if solves.journal is not None:
+        rebuilt = solves.journal.record_block(block_name, modules, dataclasses.asdict(report))
+    else:
+        rebuilt = {name: packed_module(name, module)[2] for name, module in modules.items()}
+    for name, module in rebuilt.items():
+        replace_module(model, name, _like(module, modules[name]))
+    solves.observer.block_refined(index, block_name, report)
+    return report
+
+
+def _refined_from_journal(model: nn.Module, block_name: str, layers: list[str], solves: _Solves,
+                          ) -> RefinementReport | None:
+    """Block ``block_name``'s refined ``layers`` installed from the journal of an earlier run,
+    and its refinement report; ``None`` (nothing done) if the journal has not refined it."""
+    if solves.refine is None or solves.journal is None:
+        return None
+    refined = solves.journal.refined_block(block_name)
+    if refined is None:
+        return None
+    modules, refinement = refined
+    if sorted(modules) != sorted(layers):
+        raise CheckpointError(f"the refined block {block_name!r} in {solves.journal.directory} holds "
+                              f"the layers {sorted(modules)}, this run compresses {sorted(layers)}; "
+                              "restart the run")
+    for name in layers:
+        replace_module(model, name, _like(modules[name], model.get_submodule(name)))
+    return RefinementReport(**refinement)
+
+
+def _resumed_reports(layers: list[str], solves: _Solves) -> list[LayerReport]:
+    """The journal's reports of the solves of ``layers`` (of a refined block), each told to the
+    observer as resumed."""
+    reports = []
+    for name in layers:
+        finished = solves.journal.finished(name)
+        if finished is None:
+            raise CheckpointError(f"layer {name!r} of a refined block has no recorded solve in "
+                                  f"{solves.journal.directory}; restart the run")
+        report = finished[1]
+        reports.append(LayerReport(**{**report, "shape": tuple(report["shape"])}))
+        solves.observer.layer_resumed(reports[-1])
     return reports
 
 
@@ -1008,12 +1126,38 @@ def _relative(name: str, block_name: str) -> str:
     return name.removeprefix(block_name).removeprefix(".")
 
 
-def _one_shot(model: nn.Module, batches: list[Any], targets: dict[str, tuple[Rule, int | None]],
-              streams: frozenset[str], gram_dtype: str, solves: _Solves) -> list[LayerReport]:
+def _one_shot(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list[Any],
+              targets: dict[str, tuple[Rule, int | None]], streams: frozenset[str], storage: Any,
+              gram_dtype: str, solves: _Solves) -> tuple[list[LayerReport], list[RefinementReport]]:
+    if solves.refine is not None:
+        # the dense model's inputs of every block (and the last one's outputs), before any layer
+        # is compressed: each block is refined on its dense inputs towards its dense outputs
+        inputs = _capture_first_inputs(model, blocks, batches, storage)
+        stream = [[item.args[0] for item in inputs]]
+        for _, block in blocks:
+            where = next(block.parameters()).device
+            stream.append([item.call(block, where, hidden).to(storage)
+                           for item, hidden in zip(inputs, stream[-1])])
     layers = {name: model.get_submodule(name) for name in targets}
     with CalibrationHooks(layers, dtype=gram_dtype, streams=streams) as hooks:
         for batch in batches:
             hooks.begin_batch(_token_mask(batch))
             _run(model, batch)
     del layers
-    return _solve_and_replace(model, hooks, targets, list(targets), solves)
+    reports = _solve_and_replace(model, hooks, targets, list(targets), solves)
+    refinements: list[RefinementReport] = []
+    if solves.refine is None:
+        return reports, refinements
+    for index, (block_name, block) in enumerate(blocks):
+        block_layers = [name for name, (_, block_index) in targets.items() if block_index == index]
+        if not block_layers:
+            continue
+        refined = _refined_from_journal(model, block_name, block_layers, solves)
+        if refined is not None:
+            refinements.append(refined)
+            solves.observer.block_refined(index, block_name, refined)
+            continue
+        where = next(model.get_submodule(block_name).parameters()).device
+        refinements.append(_refine(model, index, block_name, block_layers, inputs, stream[index + 1],
+                                   where, solves, hidden=stream[index]))
+    return reports, refinements

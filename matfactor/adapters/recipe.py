@@ -18,6 +18,7 @@ From a file (YAML or JSON, the same fields)::
     density: 0.5
     arguments: {outer_iters: 20}
     ignore: ["encoder.layer.0.*"]
+    refine: {steps: 32, lr: 0.01}     # optional: block refinement after the layer solves
 
     rules:                 # ... or several, first match wins
       - {targets: ["*.attention.*"], method: sparsegpt, pattern: "2:4"}
@@ -26,6 +27,9 @@ From a file (YAML or JSON, the same fields)::
 By default (no ``targets``), a rule applies to every compressible layer inside the model's
 repeated blocks: the embeddings and the final head sit outside them and are left alone. A
 target pattern can reach layers outside the blocks in one-shot mode.
+
+``refine`` (:class:`~matfactor.adapters.refinement.Refinement`) optimises each block's stored
+values after its layers are solved, to match the dense model's outputs of the block.
 """
 
 from __future__ import annotations
@@ -41,11 +45,12 @@ from matfactor import _validation as check
 from matfactor import parse_pattern
 
 from .methods import METHODS, Method
+from .refinement import Refinement
 
 __all__ = ["Recipe", "Rule"]
 
 _RULE_FIELDS = ("method", "targets", "density", "rank", "pattern", "arguments")
-_TOP_FIELDS = ("rules", "ignore") + _RULE_FIELDS
+_TOP_FIELDS = ("rules", "ignore", "refine") + _RULE_FIELDS
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -161,10 +166,14 @@ class Recipe:
         The rules, in order of precedence.
     ignore
         Name patterns of layers never compressed, whatever the rules say.
+    refine
+        Block refinement after the layer solves (:class:`~matfactor.adapters.refinement.
+        Refinement`), or ``None`` (default); a refinement of zero steps is ``None``.
     """
 
     rules: tuple[Rule, ...]
     ignore: tuple[str, ...] = ()
+    refine: Refinement | None = None
 
     def __post_init__(self) -> None:
         rules = tuple(self.rules) if isinstance(self.rules, (list, tuple)) else None
@@ -172,6 +181,10 @@ class Recipe:
             raise ValueError(f"rules must be a non-empty list of Rule, got {self.rules!r}")
         object.__setattr__(self, "rules", rules)
         object.__setattr__(self, "ignore", _check_patterns(list(self.ignore), "ignore"))
+        if self.refine is not None and not isinstance(self.refine, Refinement):
+            raise TypeError(f"refine must be None or a Refinement, got {type(self.refine).__name__}")
+        if self.refine is not None and self.refine.steps == 0:
+            object.__setattr__(self, "refine", None)
 
     @classmethod
     def single(cls, method: str, *, density: float | None = None, rank: int | None = None,
@@ -208,7 +221,9 @@ class Recipe:
                 rules.append(Rule(**{**raw, "arguments": raw.get("arguments") or {}}))
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{source}: rule {index}: {exc}") from exc
-        return cls(tuple(rules), tuple(data.get("ignore") or ()))
+        refine = data.get("refine")
+        refine = None if refine is None else Refinement.from_dict(refine, source=f"{source}: refine")
+        return cls(tuple(rules), tuple(data.get("ignore") or ()), refine)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
@@ -247,4 +262,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data (round-trips through :meth:`from_dict`)."""
-        return {"rules": [rule.to_dict() for rule in self.rules], "ignore": list(self.ignore)}
+        data: dict[str, Any] = {"rules": [rule.to_dict() for rule in self.rules],
+                                "ignore": list(self.ignore)}
+        if self.refine is not None:
+            data["refine"] = self.refine.to_dict()
+        return data

@@ -260,7 +260,14 @@ def load_text_model(model: str | Path | ModelSource | None = None, *, kind: str 
     arguments = source.pretrained_arguments
     if dtype is not None:
         arguments["dtype"] = dtype
-    return loader.from_pretrained(source.directory, **arguments).eval(), tokenizer
+    loaded = loader.from_pretrained(source.directory, **arguments).eval()
+    quantizer = getattr(loaded, "hf_quantizer", None)
+    if source.gguf_file and quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        # transformers (5.x) keeps its GGUF "quantizer" on a model read from a .gguf file although
+        # the weights are dequantized to plain tensors, and its Trainer then refuses to fine-tune
+        # "a purely quantized model"
+        quantizer.remove_quantization_config(loaded)
+    return loaded, tokenizer
 
 
 def pydoc_texts(split: str) -> list[str]:
